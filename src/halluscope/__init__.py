@@ -1,0 +1,1 @@
+"""halluscope: find why vision-language models hallucinate, and fix it."""
