@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -131,13 +132,14 @@ def plot_rate_by_truth(
     if shown.empty:
         _no_data(ax)
     else:
-        positions, truths, _ = _truth_axis(list(shown["truth"]))
+        positions, truths, numeric = _truth_axis(list(shown["truth"]))
+        style = "-" if numeric else ":"  # categories (colours) are not a continuum
         for condition in chosen:
             sub = shown[shown["condition"] == condition]
             if sub.empty:
                 continue
             ordered = sorted(zip(sub["truth"], sub[rate]), key=lambda tv: truth_sort_key(tv[0]))
-            ax.plot([positions[t] for t, _ in ordered], [v for _, v in ordered], marker="o", label=str(condition))
+            ax.plot([positions[t] for t, _ in ordered], [v for _, v in ordered], marker="o", linestyle=style, label=str(condition))
         _set_truth_ticks(ax, positions, truths, xlabel)
         ax.legend(title=legend_title, fontsize="small")
     _unit_y(ax, _RATE_LABELS.get(rate, rate))
@@ -175,10 +177,10 @@ def plot_base_accuracy(
 
 def _by_truth(rates: pd.DataFrame, rate: str, what: str) -> dict[Any, float]:
     _require(rates, ["truth", rate], "plot_before_after", "pass pih_rates(select_misleading(df), by=('truth',))")
-    duplicated = rates["truth"][rates["truth"].duplicated()]
-    if len(duplicated):
+    duplicated = rates["truth"][rates["truth"].duplicated()].tolist()  # tolist: plain Python values
+    if duplicated:
         raise InputError(
-            f"plot_before_after: {what} has several rows for truth {duplicated.iloc[0]!r}; expected one row per "
+            f"plot_before_after: {what} has several rows for truth {duplicated[0]!r}; expected one row per "
             "truth; pass pih_rates(select_misleading(df), by=('truth',))"
         )
     return dict(zip(rates["truth"], rates[rate]))
@@ -224,7 +226,7 @@ def plot_before_after(
 def plot_head_heatmap(
     matrix: Any, path: PathLike, *, title: str | None = None, cbar_label: str | None = None
 ) -> Path:
-    """Heatmap of a `[layer, head]` matrix, layer on the y axis (layer 0 at the top), NaN cells blank.
+    """Heatmap of a `[layer, head]` matrix, layer on the y axis (layer 0 at the top), NaN cells grey.
 
     Uses a diverging colour map centred on 0 when values have both signs (e.g. logit differences).
 
@@ -252,8 +254,9 @@ def plot_head_heatmap(
             cmap, vmin, vmax = "RdBu_r", -bound, bound
         else:
             cmap, vmin, vmax = "viridis", lo, hi
+        cmap_nan_grey = colormaps[cmap].with_extremes(bad="lightgrey")  # NaN must not look like 0 (white)
         image = ax.imshow(
-            np.ma.masked_invalid(values), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest"
+            np.ma.masked_invalid(values), cmap=cmap_nan_grey, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest"
         )
         fig.colorbar(image, ax=ax, label=cbar_label or "")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

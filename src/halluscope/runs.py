@@ -254,7 +254,10 @@ class Parts:
     def _file_name(key: str) -> str:
         if not isinstance(key, str) or not key:
             raise InputError(f"invalid part key {key!r}; expected a non-empty string such as 's0003-L05'")
-        return quote(key, safe="-_.") + ".parquet"
+        name = quote(key, safe="-_.")
+        if name.startswith("."):
+            name = "%2E" + name[1:]  # hidden names are reserved for temp files
+        return name + ".parquet"
 
     def _files(self) -> dict[str, Path]:
         if not self.path.is_dir():
