@@ -1,0 +1,1 @@
+"""Exact, batched, prefix-sharing head-knockout sweeps."""

@@ -1,0 +1,324 @@
+"""Exact head-knockout sweeps, fast.
+
+For one prompt and a grid of (layer, head) knockouts the engine gives the same answers as the naive loop
+(one hook and one full forward or generate per head), for a fraction of the cost:
+
+- score mode teacher-forces the clean reply up to the answer (the first number it states, or the first reply
+  token when it states none) and reads the logits there, so one forward per knockout replaces a generate;
+- the clean residual stream entering layer L is captured once per prompt and reused for every head of layer L
+  (a knockout in layer L cannot change anything below it), so only layers L..end are recomputed;
+- the knockouts of a layer run as the rows of one batch, each row carrying its own head mask;
+- generate mode batches one row per head and stops as soon as every row's answer is decided.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from num2words import num2words
+
+from halluscope.answers import count_outcome, parse_number
+from halluscope.errors import InputError
+from halluscope.interventions.heads import HeadHooks, HeadIntervention
+
+__all__ = ["SweepItem", "answer_decided", "score_prompt", "generate_prompt", "naive_score", "naive_generate",
+           "ScoreSetup", "prepare_score"]
+
+
+@dataclass(frozen=True)
+class SweepItem:
+    """One prompt to sweep: an image, the prompt text, the true count and the count the prompt claims."""
+
+    sample_id: str
+    image: Any
+    prompt: str
+    truth: int
+    claim: int | None
+
+
+def answer_decided(reply: str) -> bool:
+    """True once the reply states a number that further tokens cannot change.
+
+    The last word counts only once something follows it (a space or punctuation other than "-"), since
+    "1" may become "12" and "twenty" may become "twenty-one".
+    """
+    ended = reply[-1:].isspace() or (reply[-1:] != "" and not reply[-1].isalnum() and reply[-1] != "-")
+    words = reply.split()
+    complete = reply if ended or not words else reply[: len(reply) - len(words[-1])]
+    return parse_number(complete) is not None
+
+
+# ---- score mode -----------------------------------------------------------------------------------------
+@dataclass
+class ScoreSetup:
+    """A prompt prepared for scoring: teacher-forced inputs per form group and the candidate token ids."""
+
+    item: SweepItem
+    clean_reply: str
+    # one entry per distinct teacher-forced sequence: (batch, {form: (truth_id, claim_id)})
+    groups: list[tuple[Any, dict[str, tuple[int, int]]]]
+
+
+def _first_difference(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _number_start(vlm, reply_ids: list[int]) -> int | None:
+    """Index of the reply token at which the reply's first number starts, or None if it states none."""
+    for k in range(1, len(reply_ids) + 1):
+        if parse_number(vlm.tokenizer.decode(reply_ids[:k], skip_special_tokens=True)) is not None:
+            return k - 1
+    return None
+
+
+def _append(batch, ids: list[int]):
+    """`batch` (one row) with `ids` appended as text tokens."""
+    from halluscope.models.vlm import Batch
+
+    if not ids:
+        return batch
+    extra = torch.tensor([ids], dtype=batch.input_ids.dtype, device=batch.input_ids.device)
+    inputs = dict(batch.inputs)
+    inputs["input_ids"] = torch.cat([batch.input_ids, extra], 1)
+    inputs["attention_mask"] = torch.cat([batch.attention_mask, torch.ones_like(extra)], 1)
+    if "mm_token_type_ids" in inputs:
+        inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(extra)], 1)
+    mask = torch.cat([batch.image_mask, torch.zeros_like(extra, dtype=torch.bool)], 1)
+    return Batch(inputs, mask, batch.image_spans)
+
+
+def prepare_score(vlm, item: SweepItem, *, max_new_tokens: int = 50) -> ScoreSetup:
+    """Generate the clean reply and build the teacher-forced inputs at which truth and claim are scored.
+
+    For each answer form (digit, word) the scored position is the first sub-token where the truth's and the
+    claim's spelling differ, after the clean reply's text that precedes its number.
+    """
+    if item.claim is None or item.claim == item.truth:
+        raise InputError(f"{item.sample_id}: score mode needs a misleading prompt (claim != truth), got "
+                         f"truth={item.truth} claim={item.claim}")
+    batch = vlm.encode([(item.image, item.prompt)])
+    reply_ids = _generate_decided(vlm, batch, max_new_tokens)[0]
+    reply = vlm.tokenizer.decode(reply_ids, skip_special_tokens=True)
+    start = _number_start(vlm, reply_ids)
+    if start is None:  # no number: score the reply's first token
+        context, sep = "", vlm.family.reply_separator
+    else:
+        context = vlm.tokenizer.decode(reply_ids[:start], skip_special_tokens=True)
+        rest = reply[len(context):] if reply.startswith(context) else reply
+        sep = rest[: len(rest) - len(rest.lstrip())]
+    prompt_text = vlm.render(item.prompt)
+    prompt_ids = vlm.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+
+    def tail(n: int, spell: Callable[[int], str]) -> list[int]:
+        full = vlm.tokenizer(prompt_text + context + sep + spell(n), add_special_tokens=False)["input_ids"]
+        if full[: len(prompt_ids)] != prompt_ids:
+            raise InputError(f"{item.sample_id}: the tokenizer merges the reply into the assistant prefix; "
+                             f"score mode cannot place the answer, use --mode generate")
+        return full[len(prompt_ids):]
+
+    groups: dict[tuple[int, ...], dict[str, tuple[int, int]]] = {}
+    for form, spell in (("digit", str), ("word", num2words)):
+        t_ids, c_ids = tail(item.truth, spell), tail(item.claim, spell)
+        n = _first_difference(t_ids, c_ids)
+        if n >= min(len(t_ids), len(c_ids)):
+            continue  # one spelling is a prefix of the other: no single position tells them apart
+        groups.setdefault(tuple(t_ids[:n]), {})[form] = (t_ids[n], c_ids[n])
+    if not groups:
+        raise InputError(f"{item.sample_id}: truth {item.truth} and claim {item.claim} cannot be told apart by "
+                         f"one token in this tokenizer; use --mode generate")
+    return ScoreSetup(item, reply, [(_append(batch, list(forced)), forms) for forced, forms in groups.items()])
+
+
+def _score_rows(logits: torch.Tensor, forms: dict[str, tuple[int, int]]) -> list[dict[str, Any]]:
+    """Per row of last-position logits: truth - claim logit per form and the argmax outcome."""
+    rows = []
+    for row in logits.float():
+        out: dict[str, Any] = {}
+        top = int(row.argmax())
+        for form, (t, c) in forms.items():
+            out[f"logit_diff_{form}"] = float(row[t] - row[c])
+            if top == t:
+                out["outcome"] = "corrected"
+            elif top == c and out.get("outcome") != "corrected":
+                out["outcome"] = "copied"
+        out.setdefault("outcome", "other")
+        rows.append(out)
+    return rows
+
+
+def _merge(per_group: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Combine per-group results (digit and word may be scored at different positions) row by row.
+
+    A row is `corrected` if any form's argmax is the truth, else `copied` if any is the claim, else `other`.
+    """
+    rank = {"other": 0, "copied": 1, "corrected": 2}
+    merged = []
+    for rows in zip(*per_group):
+        out: dict[str, Any] = {"outcome": "other"}
+        for r in rows:
+            out.update({k: v for k, v in r.items() if k != "outcome"})
+            if rank[r["outcome"]] > rank[out["outcome"]]:
+                out["outcome"] = r["outcome"]
+        merged.append(out)
+    return merged
+
+
+class _LayerInputs:
+    """Captures every decoder layer's input (hidden states and keyword arguments) during one clean forward."""
+
+    def __init__(self, vlm) -> None:
+        self.vlm = vlm
+        self.inputs: list[tuple[tuple, dict]] = []
+
+    @torch.inference_mode()
+    def capture(self, batch) -> torch.Tensor:
+        self.inputs = [None] * self.vlm.n_layers  # type: ignore[list-item]
+
+        def grab(layer):
+            def hook(module, args, kwargs):
+                self.inputs[layer] = (args, kwargs)
+            return hook
+
+        handles = [l.register_forward_pre_hook(grab(i), with_kwargs=True) for i, l in enumerate(self.vlm.layers)]
+        try:
+            out = self.vlm.forward(batch, use_cache=False, logits_to_keep=1)
+        finally:
+            for h in handles:
+                h.remove()
+        return out.logits[:, -1]
+
+    @torch.inference_mode()
+    def run_from(self, layer: int, rows: int) -> torch.Tensor:
+        """Last-position logits after running layers `layer`..end on `rows` copies of the clean input."""
+        args, kwargs = self.inputs[layer]
+        kwargs = dict(kwargs)
+        hidden = kwargs.pop("hidden_states") if "hidden_states" in kwargs else args[0]
+        hidden = hidden.expand(rows, -1, -1)  # the other inputs have batch 1 and broadcast over the rows
+        for i in range(layer, self.vlm.n_layers):
+            hidden = self.vlm.layers[i](hidden, *args[1:], **kwargs)
+            if isinstance(hidden, tuple):
+                hidden = hidden[0]
+        return self.vlm.lm_head(self.vlm.norm(hidden[:, -1]))
+
+
+def score_prompt(vlm, setup: ScoreSetup, heads: Sequence[tuple[int, int]], *, mode: str = "zero",
+                 alpha: float = 0.0, means: torch.Tensor | None = None,
+                 batch_size: int = 16) -> list[dict[str, Any]]:
+    """Score every knockout in `heads` on one prepared prompt; one result dict per head, in order."""
+    by_layer: dict[int, list[int]] = {}
+    for index, (layer, _) in enumerate(heads):
+        by_layer.setdefault(layer, []).append(index)
+    per_group: list[list[dict[str, Any]]] = []
+    with HeadHooks(vlm, means=means) as hooks:
+        for batch, forms in setup.groups:
+            results: list[dict[str, Any]] = [{} for _ in heads]
+            cache = _LayerInputs(vlm)
+            hooks.clear()
+            cache.capture(batch)
+            for layer, indices in by_layer.items():
+                for start in range(0, len(indices), batch_size):
+                    chunk = indices[start:start + batch_size]
+                    coef = torch.ones(len(chunk), vlm.n_layers, vlm.n_heads)
+                    for r, idx in enumerate(chunk):
+                        coef[r, heads[idx][0], heads[idx][1]] = alpha
+                    hooks.set(coef, mode=mode, row_mask=batch.attention_mask.expand(len(chunk), -1))
+                    for idx, res in zip(chunk, _score_rows(cache.run_from(layer, len(chunk)), forms)):
+                        results[idx] = res
+            per_group.append(results)
+    return _merge(per_group)
+
+
+# ---- generate mode --------------------------------------------------------------------------------------
+def _generate_decided(vlm, batch, max_new_tokens: int, stop: Callable[[str], bool] = answer_decided) -> list[list[int]]:
+    """Greedy generation that stops once every row's reply satisfies `stop` (or at EOS / max_new_tokens)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    prompt_len = batch.seq_len
+    tokenizer = vlm.tokenizer
+
+    class Decided(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            texts = tokenizer.batch_decode(input_ids[:, prompt_len:], skip_special_tokens=True)
+            return torch.tensor([stop(t) for t in texts], device=input_ids.device)
+
+    with torch.inference_mode():
+        out = vlm.model.generate(**batch.inputs, generation_config=vlm.greedy_config(max_new_tokens),
+                                 stopping_criteria=StoppingCriteriaList([Decided()]))
+    eos = set(_as_list(vlm.model.generation_config.eos_token_id)) | {vlm.tokenizer.pad_token_id}
+    rows = []
+    for row in out[:, prompt_len:].tolist():
+        kept = []
+        for t in row:
+            if t in eos:
+                break
+            kept.append(t)
+        rows.append(kept)
+    return rows
+
+
+def _as_list(value) -> list[int]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def generate_prompt(vlm, item: SweepItem, heads: Sequence[tuple[int, int]], *, mode: str = "zero",
+                    alpha: float = 0.0, means: torch.Tensor | None = None, batch_size: int = 16,
+                    max_new_tokens: int = 50) -> list[dict[str, Any]]:
+    """Greedy replies with each knockout in `heads` (one row per head), stopped once the answer is decided."""
+    results = []
+    with HeadHooks(vlm, means=means) as hooks:
+        for start in range(0, len(heads), batch_size):
+            chunk = heads[start:start + batch_size]
+            batch = vlm.encode([(item.image, item.prompt)] * len(chunk))
+            coef = torch.ones(len(chunk), vlm.n_layers, vlm.n_heads)
+            for r, (layer, head) in enumerate(chunk):
+                coef[r, layer, head] = alpha
+            hooks.set(coef, mode=mode, row_mask=batch.attention_mask)
+            for ids in _generate_decided(vlm, batch, max_new_tokens):
+                reply = vlm.tokenizer.decode(ids, skip_special_tokens=True).strip()
+                answer, outcome = count_outcome(reply, item.truth, item.claim)
+                results.append({"reply": reply, "answer": answer, "outcome": outcome})
+    return results
+
+
+# ---- the naive loops the engine must equal --------------------------------------------------------------
+def naive_score(vlm, setup: ScoreSetup, heads: Iterable[tuple[int, int]], *, mode: str = "zero",
+                alpha: float = 0.0, means: torch.Tensor | None = None) -> list[dict[str, Any]]:
+    """One full forward per head and per form group, with a freshly registered hook: the reference loop."""
+    from halluscope.interventions.heads import intervene
+
+    results = []
+    for head in heads:
+        parts = []
+        for batch, forms in setup.groups:
+            with intervene(vlm, HeadIntervention({head}, mode=mode, alpha=alpha), means=means,
+                           row_mask=batch.attention_mask):
+                with torch.inference_mode():
+                    logits = vlm.forward(batch, use_cache=False).logits[:, -1]
+            parts.append(_score_rows(logits, forms))
+        results.append(_merge(parts)[0])
+    return results
+
+
+def naive_generate(vlm, item: SweepItem, heads: Iterable[tuple[int, int]], *, mode: str = "zero",
+                   alpha: float = 0.0, means: torch.Tensor | None = None,
+                   max_new_tokens: int = 50, stop: Callable[[str], bool] = answer_decided) -> list[dict[str, Any]]:
+    """One generate per head at batch 1 with a freshly registered hook: the reference loop."""
+    from halluscope.interventions.heads import intervene
+
+    results = []
+    batch = vlm.encode([(item.image, item.prompt)])
+    for head in heads:
+        with intervene(vlm, HeadIntervention({head}, mode=mode, alpha=alpha), means=means,
+                       row_mask=batch.attention_mask):
+            ids = _generate_decided(vlm, batch, max_new_tokens, stop)[0]
+        reply = vlm.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        answer, outcome = count_outcome(reply, item.truth, item.claim)
+        results.append({"reply": reply, "answer": answer, "outcome": outcome})
+    return results
