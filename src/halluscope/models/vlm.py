@@ -6,6 +6,7 @@ forwards and greedy generation, and gives named access to the modules interventi
 
 from __future__ import annotations
 
+import hashlib
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -80,6 +81,25 @@ class VLM:
     def __repr__(self) -> str:
         return (f"VLM({self.name!r}, family={self.family.name}, layers={self.n_layers}, heads={self.n_heads}, "
                 f"kv_heads={self.n_kv_heads}, head_dim={self.head_dim})")
+
+    def describe(self) -> dict[str, Any]:
+        """What a run manifest records about the model: name, family, class, sizes and a weight fingerprint."""
+        return {
+            "name": self.name, "family": self.family.name, "class": type(self.model).__name__,
+            "n_layers": self.n_layers, "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads,
+            "head_dim": self.head_dim, "dtype": str(self.dtype).removeprefix("torch."),
+            "fingerprint": self.fingerprint(),
+        }
+
+    @torch.inference_mode()
+    def fingerprint(self) -> str:
+        """A short hash of the config and every weight tensor (its name, shape, sum and first values)."""
+        digest = hashlib.sha256(self.model.config.to_json_string(use_diff=False).encode())
+        for name, tensor in self.model.state_dict().items():
+            flat = tensor.detach().flatten()
+            digest.update(f"{name}{tuple(tensor.shape)}{flat.double().sum().item():.6e}".encode())
+            digest.update(flat[:8].double().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     # ---- modules -------------------------------------------------------------------------------------
     def _get(self, path: str) -> nn.Module:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from num2words import num2words
 
-from halluscope.answers import count_outcome, parse_number
+from halluscope.answers import colour_outcome, count_outcome, first_colour, parse_number
 from halluscope.errors import InputError
 from halluscope.interventions.heads import HeadHooks, HeadIntervention
 
@@ -29,17 +29,35 @@ __all__ = ["SweepItem", "answer_decided", "score_prompt", "generate_prompt", "na
 
 @dataclass(frozen=True)
 class SweepItem:
-    """One prompt to sweep: an image, the prompt text, the true count and the count the prompt claims."""
+    """One prompt to sweep: an image, the prompt text, the truth and what the prompt claims.
+
+    `task` is "count" (int truth and claim) or "color" (colour names).
+    """
 
     sample_id: str
     image: Any
     prompt: str
-    truth: int
-    claim: int | None
+    truth: int | str
+    claim: int | str | None
+    task: str = "count"
+
+    def classify(self, reply: str) -> tuple[Any, str]:
+        """The parsed answer and outcome of a reply to this prompt."""
+        if self.task == "count":
+            return count_outcome(reply, self.truth, self.claim)
+        return colour_outcome(reply, self.truth, self.claim)
+
+    def decided(self, reply: str) -> bool:
+        """True once the reply's answer can no longer change (see `answer_decided`)."""
+        return answer_decided(reply, parse_number if self.task == "count" else first_colour)
+
+    def spellings(self) -> tuple[tuple[str, Callable[[Any], str]], ...]:
+        """The answer forms scored in score mode: digits and words for counts, the word for colours."""
+        return (("digit", str), ("word", num2words)) if self.task == "count" else (("word", str),)
 
 
-def answer_decided(reply: str) -> bool:
-    """True once the reply states a number that further tokens cannot change.
+def answer_decided(reply: str, parse: Callable[[str], Any] = parse_number) -> bool:
+    """True once the reply states an answer (a number by default) that further tokens cannot change.
 
     The last word counts only once something follows it (a space or punctuation other than "-"), since
     "1" may become "12" and "twenty" may become "twenty-one".
@@ -47,7 +65,7 @@ def answer_decided(reply: str) -> bool:
     ended = reply[-1:].isspace() or (reply[-1:] != "" and not reply[-1].isalnum() and reply[-1] != "-")
     words = reply.split()
     complete = reply if ended or not words else reply[: len(reply) - len(words[-1])]
-    return parse_number(complete) is not None
+    return parse(complete) is not None
 
 
 # ---- score mode -----------------------------------------------------------------------------------------
@@ -68,10 +86,10 @@ def _first_difference(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _number_start(vlm, reply_ids: list[int]) -> int | None:
-    """Index of the reply token at which the reply's first number starts, or None if it states none."""
+def _answer_start(vlm, reply_ids: list[int], item: SweepItem) -> int | None:
+    """Index of the reply token at which the reply's answer starts, or None if it states none."""
     for k in range(1, len(reply_ids) + 1):
-        if parse_number(vlm.tokenizer.decode(reply_ids[:k], skip_special_tokens=True)) is not None:
+        if item.classify(vlm.tokenizer.decode(reply_ids[:k], skip_special_tokens=True))[0] is not None:
             return k - 1
     return None
 
@@ -102,9 +120,9 @@ def prepare_score(vlm, item: SweepItem, *, max_new_tokens: int = 50) -> ScoreSet
         raise InputError(f"{item.sample_id}: score mode needs a misleading prompt (claim != truth), got "
                          f"truth={item.truth} claim={item.claim}")
     batch = vlm.encode([(item.image, item.prompt)])
-    reply_ids = _generate_decided(vlm, batch, max_new_tokens)[0]
+    reply_ids = _generate_decided(vlm, batch, max_new_tokens, item.decided)[0]
     reply = vlm.tokenizer.decode(reply_ids, skip_special_tokens=True)
-    start = _number_start(vlm, reply_ids)
+    start = _answer_start(vlm, reply_ids, item)
     if start is None:  # no number: score the reply's first token
         context, sep = "", vlm.family.reply_separator
     else:
@@ -122,7 +140,7 @@ def prepare_score(vlm, item: SweepItem, *, max_new_tokens: int = 50) -> ScoreSet
         return full[len(prompt_ids):]
 
     groups: dict[tuple[int, ...], dict[str, tuple[int, int]]] = {}
-    for form, spell in (("digit", str), ("word", num2words)):
+    for form, spell in item.spellings():
         t_ids, c_ids = tail(item.truth, spell), tail(item.claim, spell)
         n = _first_difference(t_ids, c_ids)
         if n >= min(len(t_ids), len(c_ids)):
@@ -234,7 +252,7 @@ def score_prompt(vlm, setup: ScoreSetup, heads: Sequence[tuple[int, int]], *, mo
 
 
 # ---- generate mode --------------------------------------------------------------------------------------
-def _generate_decided(vlm, batch, max_new_tokens: int, stop: Callable[[str], bool] = answer_decided) -> list[list[int]]:
+def _generate_decided(vlm, batch, max_new_tokens: int, stop: Callable[[str], bool]) -> list[list[int]]:
     """Greedy generation that stops once every row's reply satisfies `stop` (or at EOS / max_new_tokens)."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -280,9 +298,9 @@ def generate_prompt(vlm, item: SweepItem, heads: Sequence[tuple[int, int]], *, m
             for r, (layer, head) in enumerate(chunk):
                 coef[r, layer, head] = alpha
             hooks.set(coef, mode=mode, row_mask=batch.attention_mask)
-            for ids in _generate_decided(vlm, batch, max_new_tokens):
+            for ids in _generate_decided(vlm, batch, max_new_tokens, item.decided):
                 reply = vlm.tokenizer.decode(ids, skip_special_tokens=True).strip()
-                answer, outcome = count_outcome(reply, item.truth, item.claim)
+                answer, outcome = item.classify(reply)
                 results.append({"reply": reply, "answer": answer, "outcome": outcome})
     return results
 
@@ -308,8 +326,12 @@ def naive_score(vlm, setup: ScoreSetup, heads: Iterable[tuple[int, int]], *, mod
 
 def naive_generate(vlm, item: SweepItem, heads: Iterable[tuple[int, int]], *, mode: str = "zero",
                    alpha: float = 0.0, means: torch.Tensor | None = None,
-                   max_new_tokens: int = 50, stop: Callable[[str], bool] = answer_decided) -> list[dict[str, Any]]:
-    """One generate per head at batch 1 with a freshly registered hook: the reference loop."""
+                   max_new_tokens: int = 50, stop: Callable[[str], bool] | None = None) -> list[dict[str, Any]]:
+    """One generate per head at batch 1 with a freshly registered hook: the reference loop.
+
+    `stop` defaults to the engine's rule (stop once the answer is decided); pass `lambda r: False` for the
+    reference study's full-length generations.
+    """
     from halluscope.interventions.heads import intervene
 
     results = []
@@ -317,8 +339,8 @@ def naive_generate(vlm, item: SweepItem, heads: Iterable[tuple[int, int]], *, mo
     for head in heads:
         with intervene(vlm, HeadIntervention({head}, mode=mode, alpha=alpha), means=means,
                        row_mask=batch.attention_mask):
-            ids = _generate_decided(vlm, batch, max_new_tokens, stop)[0]
+            ids = _generate_decided(vlm, batch, max_new_tokens, stop or item.decided)[0]
         reply = vlm.tokenizer.decode(ids, skip_special_tokens=True).strip()
-        answer, outcome = count_outcome(reply, item.truth, item.claim)
+        answer, outcome = item.classify(reply)
         results.append({"reply": reply, "answer": answer, "outcome": outcome})
     return results

@@ -22,7 +22,18 @@ from halluscope.tasks.sample import SampleList, SkippedRow, SkippedRowsWarning, 
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["Table", "check_columns", "finish", "image_from_cell", "is_hub_id", "read_table"]
+__all__ = [
+    "Table",
+    "call_with_options",
+    "cell_name",
+    "check_columns",
+    "finish",
+    "image_from_cell",
+    "is_hub_id",
+    "positive_int",
+    "read_table",
+    "text_or_none",
+]
 
 _FILE_KINDS = {
     ".parquet": "parquet",
@@ -68,7 +79,9 @@ def read_table(source: str | os.PathLike, *, split: str) -> Table:
         return _read_dir(path, split)
     if is_hub_id(text):
         return Table(_read_hub(text, split), None, repr(text))
-    raise InputError(f"dataset path not found: {text!r}; {_LOCAL_HINT}, or a Hugging Face Hub id like 'nielsr/countbench'")
+    raise InputError(
+        f"dataset path not found: {text!r}; {_LOCAL_HINT}, or a Hugging Face Hub id like 'nielsr/countbench'"
+    )
 
 
 def _read_file(path: Path) -> pd.DataFrame:
@@ -78,7 +91,8 @@ def _read_file(path: Path) -> pd.DataFrame:
     kind = _FILE_KINDS.get(path.suffix.lower())
     if kind is None:
         raise InputError(
-            f"unknown table format {path.suffix!r} for {str(path)!r}; expected one of {sorted(_FILE_KINDS)}; {_LOCAL_HINT}"
+            f"unknown table format {path.suffix!r} for {str(path)!r}; expected one of {sorted(_FILE_KINDS)}; "
+            f"{_LOCAL_HINT}"
         )
     try:
         if kind == "parquet":
@@ -91,7 +105,9 @@ def _read_file(path: Path) -> pd.DataFrame:
             return pd.read_json(path, lines=True)
         return _read_json(path)
     except (ValueError, OSError, pa.ArrowException) as exc:
-        raise InputError(f"cannot read {str(path)!r} as {kind}: {_one_line(exc)}; check the file or convert it to parquet") from None
+        raise InputError(
+            f"cannot read {str(path)!r} as {kind}: {_one_line(exc)}; check the file or convert it to parquet"
+        ) from None
 
 
 def _read_arrow(path: Path) -> Any:
@@ -119,7 +135,9 @@ def _read_json(path: Path) -> pd.DataFrame:
         return pd.DataFrame.from_records(data)
     if isinstance(data, dict):
         return pd.DataFrame(data)
-    raise InputError(f"{str(path)!r} holds a JSON {type(data).__name__}; expected a list of records or a dict of columns")
+    raise InputError(
+        f"{str(path)!r} holds a JSON {type(data).__name__}; expected a list of records or a dict of columns"
+    )
 
 
 def _read_dir(path: Path, split: str) -> Table:
@@ -213,16 +231,14 @@ def finish(samples: Iterable[Any], skipped: list[SkippedRow], label: str, n_rows
         shown = ", ".join(s.image_id for s in skipped[:10]) + (", ..." if len(skipped) > 10 else "")
         if not result:
             reasons = "; ".join(f"row {s.row}: {s.reason}" for s in skipped[:3])
-            raise InputError(f"no usable rows in {label}: all {len(skipped)} were skipped ({reasons}); check the columns and images")
-        warnings.warn(
-            f"skipped {len(skipped)} of {n_rows} rows of {label} (image ids {shown}); the reasons are in the returned "
-            "list's .skipped",
-            SkippedRowsWarning(
-                f"skipped {len(skipped)} of {n_rows} rows of {label} (image ids {shown}); reasons in .skipped",
-                tuple(skipped),
-            ).__class__,
-            stacklevel=3,
+            raise InputError(
+                f"no usable rows in {label}: all {len(skipped)} were skipped ({reasons}); check the columns and images"
+            )
+        message = (
+            f"skipped {len(skipped)} of {n_rows} rows of {label} (image ids {shown}); "
+            "the reasons are in the returned list's .skipped"
         )
+        warnings.warn(SkippedRowsWarning(message, tuple(skipped)), stacklevel=3)
     elif not result:
         raise InputError(f"no usable rows in {label}; check that the table is not empty and the filters match")
     return result
@@ -234,7 +250,9 @@ def call_with_options(function: Callable[..., Any], options: dict[str, Any], /, 
         p.name for p in inspect.signature(function).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
     ]
     for name in options:
-        if name not in accepted or name in fixed:
+        if name in fixed:
+            raise InputError(f"option {name!r} is set by build_task's own argument; pass it there, not in options")
+        if name not in accepted:
             close = difflib.get_close_matches(name, accepted, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             valid = [a for a in accepted if a not in fixed]
@@ -245,3 +263,29 @@ def call_with_options(function: Callable[..., Any], options: dict[str, Any], /, 
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+def positive_int(value: Any, name: str, *, allow_none: bool = False) -> int | None:
+    """Return `value` if it is an int >= 1 (or None when allowed); raise InputError naming `name` otherwise."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        expected = "an integer >= 1" + (" or None" if allow_none else "")
+        raise InputError(f"{name} = {value!r}; expected {expected}")
+    return value
+
+
+def cell_name(value: Any) -> str | None:
+    """The path an image cell names (a path cell or an HF dict's "path"), for lookups by file name."""
+    if isinstance(value, dict):
+        value = value.get("path")
+    if isinstance(value, (str, os.PathLike)) and not _missing(value):
+        return os.fspath(value)
+    return None
+
+
+def text_or_none(value: Any) -> str | None:
+    """A stripped non-empty string, or None for missing/empty/non-string cells."""
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    return None

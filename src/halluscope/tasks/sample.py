@@ -13,7 +13,6 @@ from halluscope.errors import InputError
 
 if TYPE_CHECKING:
     import pandas as pd
-    from PIL import Image
 
 __all__ = [
     "FRAME_COLUMNS",
@@ -102,12 +101,12 @@ class Sample:
                 "expected a non-empty file path or encoded image bytes (encode PIL images with image_to_png_bytes)"
             )
         value_type: type = int if self.task in INT_VALUED_TASKS else str
-        type_name = value_type.__name__
+        type_name = "an int" if value_type is int else "a str"
         if not _is_type(self.truth, value_type):
-            raise InputError(f"Sample {self.id!r}: truth = {self.truth!r}; a {self.task!r} sample needs a {type_name}")
+            raise InputError(f"Sample {self.id!r}: truth = {self.truth!r}; a {self.task!r} sample needs {type_name}")
         if self.claim is not None and not _is_type(self.claim, value_type):
             raise InputError(
-                f"Sample {self.id!r}: claim = {self.claim!r}; a {self.task!r} sample needs a {type_name} or None"
+                f"Sample {self.id!r}: claim = {self.claim!r}; a {self.task!r} sample needs {type_name} or None"
             )
         aliases = tuple(self.truth_aliases)
         if not all(isinstance(a, str) and a for a in aliases):
@@ -175,7 +174,9 @@ def as_sample_image(image: Any) -> str | bytes:
         from halluscope.images import image_to_png_bytes
 
         return image_to_png_bytes(image)
-    raise InputError(f"image of type {type(image).__name__} is not usable; pass a file path, encoded bytes or a PIL image")
+    raise InputError(
+        f"image of type {type(image).__name__} is not usable; pass a file path, encoded bytes or a PIL image"
+    )
 
 
 def samples_to_frame(samples: Iterable[Sample]) -> pd.DataFrame:
@@ -198,10 +199,14 @@ def samples_to_frame(samples: Iterable[Sample]) -> pd.DataFrame:
     samples = list(samples)
     for i, sample in enumerate(samples):
         if not isinstance(sample, Sample):
-            raise InputError(f"item {i} is a {type(sample).__name__}, not a Sample; pass the samples a task builder returned")
+            raise InputError(
+                f"item {i} is a {type(sample).__name__}, not a Sample; pass the samples a task builder returned"
+            )
     duplicates = sorted(k for k, v in Counter(s.id for s in samples).items() if v > 1)
     if duplicates:
-        raise InputError(f"sample ids must be unique in a run; repeated: {duplicates[:5]}; give each (image, prompt) its own id")
+        raise InputError(
+            f"sample ids must be unique in a run; repeated: {duplicates[:5]}; give each (image, prompt) its own id"
+        )
     columns: dict[str, list[Any]] = {name: [] for name in FRAME_COLUMNS}
     for s in samples:
         columns["id"].append(s.id)
@@ -272,7 +277,9 @@ def _parse_value(value: Any, task: str) -> int | str:
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise InputError(f"value {value!r} is not a number; a {task!r} sample's truth/claim must be an integer") from None
+        raise InputError(
+            f"value {value!r} is not a number; a {task!r} sample's truth/claim must be an integer"
+        ) from None
     if not number.is_integer():
         raise InputError(f"value {value!r} is not an integer; a {task!r} sample's truth/claim must be an integer")
     return int(number)
