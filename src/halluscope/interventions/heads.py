@@ -122,7 +122,9 @@ class HeadHooks:
         self._active_layers = frozenset((self.coef != 1).any(dim=(0, 2)).nonzero().flatten().tolist())
 
     def _applies(self, seq: int) -> bool:
-        if self.positions == "prompt" or self.mode == "reference-mean":
+        if self.mode == "reference-mean" and seq == 1:  # a one-position mean is the position itself: no-op
+            return False
+        if self.positions == "prompt":
             return seq > 1
         if self.positions == "generated":
             return seq == 1
@@ -140,11 +142,11 @@ class HeadHooks:
                 new = coef * heads
             elif self.mode == "mean":
                 ref = self.means[layer].to(x.dtype)[None, None]
-                new = ref + coef * (heads - ref)
+                new = torch.where(coef == 1, heads, ref + coef * (heads - ref))  # 1 leaves a head bit-identical
             else:  # reference-mean: each row's own position mean, over its non-pad positions
                 mask = self.row_mask[:, -seq:].to(x.dtype)[:, :, None, None]
                 ref = (heads * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)
-                new = torch.where(mask.bool(), ref + coef * (heads - ref), heads)
+                new = torch.where(mask.bool() & (coef != 1), ref + coef * (heads - ref), heads)
             return (new.reshape(batch, seq, -1),)
 
         return hook
