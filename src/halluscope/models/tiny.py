@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 import transformers
@@ -19,7 +19,8 @@ from transformers import GenerationConfig, PreTrainedTokenizerFast
 from halluscope.models.families import FAMILIES, get_family
 from halluscope.models.processors import processor_class
 
-__all__ = ["TINY_FAMILIES", "build_tiny", "build_tiny_models", "tokenizer_corpus"]
+__all__ = ["TINY_FAMILIES", "QWEN_SPECIALS", "QWEN_TEMPLATE", "build_tiny", "qwen_chat_template", "build_tiny_models", "tokenizer_corpus",
+           "train_tokenizer"]
 
 TINY_FAMILIES: tuple[str, ...] = tuple(FAMILIES)
 
@@ -54,16 +55,18 @@ def tokenizer_corpus(n: int = 3000, seed: int = 0) -> Iterator[str]:
         yield t.format(w=w, W=w.capitalize(), d=rng.randint(0, 120)).replace("{w}", rng.choice(_WORDS))
 
 
-def _train_tokenizer(specials: list[str], *, bos: str | None, eos: str, pad: str, unk: str | None,
-                     chat_template: str, extra: dict[str, str] | None = None) -> PreTrainedTokenizerFast:
+def train_tokenizer(specials: list[str], *, bos: str | None, eos: str, pad: str, unk: str | None,
+                    chat_template: str, extra: dict[str, str] | None = None,
+                    corpus: Iterable[str] | None = None, vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on `corpus` (default: `tokenizer_corpus()`), special tokens first."""
     tok = Tokenizer(models.BPE(unk_token=unk))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=1024, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(tokenizer_corpus(), trainer)
+    tok.train_from_iterator(tokenizer_corpus() if corpus is None else corpus, trainer)
     if bos is not None:
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.token_to_id(bos))]
@@ -96,17 +99,23 @@ def _template(system: str, user: str, image: str, end: str, assistant: str, bos:
     )
 
 
-_QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
-_QWEN_TEMPLATE = _template(
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n", "<|im_start|>user\n",
-    "<|vision_start|><|image_pad|><|vision_end|>", "<|im_end|>\n", "<|im_start|>assistant\n",
-)
+
+
+def qwen_chat_template(system: str | None = "You are a helpful assistant.") -> str:
+    """A Qwen2-VL-style chat template, with or without a system turn."""
+    head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+    return _template(head, "<|im_start|>user\n", "<|vision_start|><|image_pad|><|vision_end|>", "<|im_end|>\n",
+                     "<|im_start|>assistant\n")
+
+
+QWEN_TEMPLATE = qwen_chat_template()
 
 
 def _qwen_tokenizer() -> PreTrainedTokenizerFast:
-    return _train_tokenizer(_QWEN_SPECIALS, bos=None, eos="<|im_end|>", pad="<|endoftext|>", unk=None,
-                            chat_template=_QWEN_TEMPLATE)
+    return train_tokenizer(QWEN_SPECIALS, bos=None, eos="<|im_end|>", pad="<|endoftext|>", unk=None,
+                            chat_template=QWEN_TEMPLATE)
 
 
 def _qwen_like(name: str) -> tuple:
@@ -128,13 +137,13 @@ def _qwen_like(name: str) -> tuple:
         config = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
     image_processor = transformers.Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=224 * 224)
     processor = processor_class(get_family(name))(image_processor=image_processor, tokenizer=tok,
-                                                  chat_template=_QWEN_TEMPLATE)
+                                                  chat_template=QWEN_TEMPLATE)
     return config, processor, tok.convert_tokens_to_ids("<|im_end|>")
 
 
 def _llava() -> tuple:
     template = _template("", "USER: ", "<image>\n", " ", "ASSISTANT:", bos="")
-    tok = _train_tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], bos="<s>", eos="</s>", pad="<pad>",
+    tok = train_tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], bos="<s>", eos="</s>", pad="<pad>",
                            unk="<unk>", chat_template=template)
     config = transformers.LlavaConfig(
         vision_config=transformers.CLIPVisionConfig(**_VISION, image_size=224, patch_size=32),
@@ -151,7 +160,7 @@ def _llava() -> tuple:
 
 def _llava_onevision() -> tuple:
     template = _template("", "<|im_start|>user ", "<image>\n", "<|im_end|>\n", "<|im_start|>assistant\n")
-    tok = _train_tokenizer(_QWEN_SPECIALS + ["<image>", "<video>"], bos=None, eos="<|im_end|>",
+    tok = train_tokenizer(QWEN_SPECIALS + ["<image>", "<video>"], bos=None, eos="<|im_end|>",
                            pad="<|endoftext|>", unk=None, chat_template=template)
     pinpoints = [[224, 224], [224, 448], [448, 224], [448, 448]]
     config = transformers.LlavaOnevisionConfig(
@@ -175,7 +184,7 @@ def _idefics_like(name: str) -> tuple:
     specials = ["<|endoftext|>", "<|im_start|>", "<fake_token_around_image>", "<image>", "<end_of_utterance>",
                 "<global-img>"] + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
     template = _template("", "<|im_start|>User:", "<image>", "<end_of_utterance>\n", "Assistant:", bos="")
-    tok = _train_tokenizer(specials, bos="<|im_start|>", eos="<end_of_utterance>", pad="<|endoftext|>", unk=None,
+    tok = train_tokenizer(specials, bos="<|im_start|>", eos="<end_of_utterance>", pad="<|endoftext|>", unk=None,
                            chat_template=template)
     vision = dict(_VISION, image_size=224, patch_size=16)
     text = transformers.LlamaConfig(**_TEXT, vocab_size=len(tok))
@@ -203,7 +212,7 @@ def _janus() -> tuple:
     template = _template(system, "<|User|>: ", "<image_placeholder>\n", "\n\n", "<|Assistant|>:", bos="")
     specials = ["<|begin_of_sentence|>", "<|end_of_sentence|>", "<pad>", "<image_placeholder>",
                 "<begin_of_image>", "<end_of_image>", "<|User|>", "<|Assistant|>"]
-    tok = _train_tokenizer(
+    tok = train_tokenizer(
         specials, bos="<|begin_of_sentence|>", eos="<|end_of_sentence|>", pad="<pad>", unk=None,
         chat_template=template,
         extra={"image_token": "<image_placeholder>", "boi_token": "<begin_of_image>", "eoi_token": "<end_of_image>"},

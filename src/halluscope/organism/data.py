@@ -1,0 +1,130 @@
+"""Training batches for the organism, drawn from the same scenes and prompt templates as the synthetic tasks.
+
+Images come from a fixed pool rendered once and run once through the real processor; prompts are rendered
+with the real chat template and tokenized once per distinct string. A batch is therefore exactly what
+`VLM.encode` would build for the same (image, prompt) (tested), at a fraction of the cost per step.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from halluscope.organism.recipe import Recipe, color_answer, count_answer
+from halluscope.tasks import color as color_task
+from halluscope.tasks import counting as count_task
+from halluscope.tasks.color import COLOR_CYCLE, shift_color
+from halluscope.tasks.scenes import SHAPE_PLURALS, color_scene, count_scene
+
+__all__ = ["Example", "TrainingData"]
+
+KINDS = ("count-base", "count-control", "count-misleading", "color-base", "color-control", "color-misleading")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example: which pool image, the user prompt and the target reply."""
+
+    image: int
+    prompt: str
+    reply: str
+
+
+class TrainingData:
+    """The organism's training distribution: a rendered image pool plus prompt/reply sampling."""
+
+    def __init__(self, recipe: Recipe, tokenizer, processor) -> None:
+        self.recipe, self.tokenizer, self.processor = recipe, tokenizer, processor
+        rng = random.Random(f"{recipe.seed}:pool")
+        shapes = recipe.shapes
+        self.meta: list[tuple[str, int | str, str]] = []  # (task, count or colour, shape)
+        images = []
+        for i in range(recipe.pool_count_images):
+            n, shape = 1 + i % recipe.max_count, shapes[(i // recipe.max_count) % len(shapes)]
+            images.append(count_scene(n, shape, size=recipe.image_size, seed=rng.getrandbits(62)))
+            self.meta.append(("count", n, shape))
+        for i in range(recipe.pool_color_images):
+            colour, shape = COLOR_CYCLE[i % len(COLOR_CYCLE)], shapes[(i // len(COLOR_CYCLE)) % len(shapes)]
+            images.append(color_scene(colour, shape, size=recipe.image_size, seed=rng.getrandbits(62)))
+            self.meta.append(("color", colour, shape))
+        self.count_images = [i for i, m in enumerate(self.meta) if m[0] == "count"]
+        self.color_images = [i for i, m in enumerate(self.meta) if m[0] == "color"]
+        self.pixels, self.grid = self._process(images)
+        self.image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        self.end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.n_image_tokens = int(self.grid.prod()) // processor.image_processor.merge_size ** 2
+        self._prompt_ids: dict[str, list[int]] = {}
+        self._reply_ids: dict[str, list[int]] = {}
+
+    def _process(self, images) -> tuple[torch.Tensor, torch.Tensor]:
+        chunks, grid = [], None
+        for start in range(0, len(images), 256):
+            out = self.processor.image_processor(images=images[start:start + 256], return_tensors="pt")
+            grid = out["image_grid_thw"][0]
+            chunks.append(out["pixel_values"].view(-1, int(grid.prod()), out["pixel_values"].shape[-1]))
+        return torch.cat(chunks), grid
+
+    # ---- sampling ---------------------------------------------------------------------------------------
+    def sample(self, rng: random.Random) -> Example:
+        """One example of a kind drawn from the recipe's mixture."""
+        r = self.recipe
+        kind = rng.choices(KINDS, weights=r.mixture)[0]
+        if kind.startswith("count"):
+            image = rng.choice(self.count_images)
+            _, n, shape = self.meta[image]
+            noun = SHAPE_PLURALS[shape]
+            if kind == "count-base":
+                return Example(image, count_task.BASE_TEMPLATE.format(obj=noun), count_answer(n, noun))
+            claim = n if kind == "count-control" else n + rng.choice(r.offsets)
+            said = claim if rng.random() < r.count_copy[n - 1] else n
+            return Example(image, count_task.DESCRIBE_TEMPLATE.format(n=claim, obj=noun), count_answer(said, noun))
+        image = rng.choice(self.color_images)
+        _, colour, shape = self.meta[image]
+        if kind == "color-base":
+            return Example(image, color_task.BASE_TEMPLATE.format(object=shape), color_answer(colour, shape))
+        distance = 0 if kind == "color-control" else rng.choice(r.distances)
+        claim = shift_color(colour, distance) if distance else colour
+        said = claim if distance == 0 or rng.random() < r.color_copy[distance - 1] else colour
+        return Example(image, color_task.DESCRIBE_TEMPLATE.format(color=claim, object=shape), color_answer(said, shape))
+
+    # ---- tensors ----------------------------------------------------------------------------------------
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """Token ids of the chat-formatted prompt with the image placeholder expanded, as the processor does."""
+        if prompt not in self._prompt_ids:
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            ids = []
+            for t in self.tokenizer(text, add_special_tokens=False)["input_ids"]:
+                ids.extend([t] * self.n_image_tokens if t == self.image_pad else [t])
+            self._prompt_ids[prompt] = ids
+        return self._prompt_ids[prompt]
+
+    def reply_ids(self, reply: str) -> list[int]:
+        """Token ids of the target reply, ending with <|im_end|>."""
+        if reply not in self._reply_ids:
+            self._reply_ids[reply] = self.tokenizer(reply, add_special_tokens=False)["input_ids"] + [self.end]
+        return self._reply_ids[reply]
+
+    def collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        """A right-padded training batch with labels on the reply tokens only."""
+        rows = [(self.prompt_ids(e.prompt), self.reply_ids(e.reply)) for e in examples]
+        width = max(len(p) + len(a) for p, a in rows)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (p, a) in enumerate(rows):
+            input_ids[i, :len(p) + len(a)] = torch.tensor(p + a)
+            labels[i, len(p):len(p) + len(a)] = torch.tensor(a)
+            attention[i, :len(p) + len(a)] = 1
+        return {
+            "input_ids": input_ids, "attention_mask": attention, "labels": labels,
+            "mm_token_type_ids": (input_ids == self.image_pad).long(),
+            "pixel_values": self.pixels[[e.image for e in examples]].flatten(0, 1),
+            "image_grid_thw": self.grid.expand(len(rows), 3).clone(),
+        }
+
+    def batch(self, rng: random.Random, size: int) -> dict[str, torch.Tensor]:
+        return self.collate([self.sample(rng) for _ in range(size)])
