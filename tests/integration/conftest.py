@@ -1,0 +1,40 @@
+"""Helpers for running CLI commands end to end, in process (`cli`) or as a killable subprocess (`spawn`)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from halluscope.cli import main
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """Run `halluscope ARGS...` in process; returns (exit code, stdout, stderr)."""
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["halluscope", *map(str, args)])
+        code = 0
+        try:
+            main()
+        except SystemExit as exc:
+            code = exc.code or 0
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+@pytest.fixture
+def spawn():
+    """Start `halluscope ARGS...` as a subprocess (so a test can kill -9 it)."""
+
+    def start(*args: str) -> subprocess.Popen:
+        env = dict(os.environ, HF_HUB_OFFLINE="1")
+        return subprocess.Popen([sys.executable, "-m", "halluscope", *map(str, args)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    return start
