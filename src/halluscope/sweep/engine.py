@@ -8,7 +8,11 @@ For one prompt and a grid of (layer, head) knockouts the engine gives the same a
 - the clean residual stream entering layer L is captured once per prompt and reused for every head of layer L
   (a knockout in layer L cannot change anything below it), so only layers L..end are recomputed;
 - the knockouts of a layer run as the rows of one batch, each row carrying its own head mask;
-- generate mode batches one row per head and stops as soon as every row's answer is decided.
+- generate mode first checks, for every head at once, whether the knockout changes the clean greedy reply at
+  all: one teacher-forced pass over the clean reply (layers L..end, prefix reused) gives each knockout's
+  greedy token at every reply position. Rows that agree to the end have the clean reply; only rows that
+  diverge are decoded further, batched, from their first differing token (greedy decoding is deterministic,
+  so this is exact). Every row stops as soon as its answer is decided.
 """
 
 from __future__ import annotations
@@ -120,7 +124,7 @@ def prepare_score(vlm, item: SweepItem, *, max_new_tokens: int = 50) -> ScoreSet
         raise InputError(f"{item.sample_id}: score mode needs a misleading prompt (claim != truth), got "
                          f"truth={item.truth} claim={item.claim}")
     batch = vlm.encode([(item.image, item.prompt)])
-    reply_ids = _generate_decided(vlm, batch, max_new_tokens, item.decided)[0]
+    reply_ids = _greedy(vlm, batch, max_new_tokens, item.decided)[0][0]
     reply = vlm.tokenizer.decode(reply_ids, skip_special_tokens=True)
     start = _answer_start(vlm, reply_ids, item)
     if start is None:  # no number: score the reply's first token
@@ -211,8 +215,9 @@ class _LayerInputs:
         return out.logits[:, -1]
 
     @torch.inference_mode()
-    def run_from(self, layer: int, rows: int) -> torch.Tensor:
-        """Last-position logits after running layers `layer`..end on `rows` copies of the clean input."""
+    def run_from(self, layer: int, rows: int, positions: int = 1) -> torch.Tensor:
+        """Logits at the last `positions` positions after running layers `layer`..end on `rows` copies of the
+        clean input: [rows, vocab] for one position, else [rows, positions, vocab]."""
         args, kwargs = self.inputs[layer]
         kwargs = dict(kwargs)
         hidden = kwargs.pop("hidden_states") if "hidden_states" in kwargs else args[0]
@@ -221,7 +226,8 @@ class _LayerInputs:
             hidden = self.vlm.layers[i](hidden, *args[1:], **kwargs)
             if isinstance(hidden, tuple):
                 hidden = hidden[0]
-        return self.vlm.lm_head(self.vlm.norm(hidden[:, -1]))
+        last = hidden[:, -1] if positions == 1 else hidden[:, -positions:]
+        return self.vlm.lm_head(self.vlm.norm(last))
 
 
 def score_prompt(vlm, setup: ScoreSetup, heads: Sequence[tuple[int, int]], *, mode: str = "zero",
@@ -241,10 +247,8 @@ def score_prompt(vlm, setup: ScoreSetup, heads: Sequence[tuple[int, int]], *, mo
             for layer, indices in by_layer.items():
                 for start in range(0, len(indices), batch_size):
                     chunk = indices[start:start + batch_size]
-                    coef = torch.ones(len(chunk), vlm.n_layers, vlm.n_heads)
-                    for r, idx in enumerate(chunk):
-                        coef[r, heads[idx][0], heads[idx][1]] = alpha
-                    hooks.set(coef, mode=mode, row_mask=batch.attention_mask.expand(len(chunk), -1))
+                    hooks.set(_coefficients(vlm, [heads[i] for i in chunk], alpha), mode=mode,
+                              row_mask=batch.attention_mask.expand(len(chunk), -1))
                     for idx, res in zip(chunk, _score_rows(cache.run_from(layer, len(chunk)), forms)):
                         results[idx] = res
             per_group.append(results)
@@ -252,57 +256,156 @@ def score_prompt(vlm, setup: ScoreSetup, heads: Sequence[tuple[int, int]], *, mo
 
 
 # ---- generate mode --------------------------------------------------------------------------------------
-def _generate_decided(vlm, batch, max_new_tokens: int, stop: Callable[[str], bool]) -> list[list[int]]:
-    """Greedy generation that stops once every row's reply satisfies `stop` (or at EOS / max_new_tokens)."""
+def _enders(vlm) -> set[int]:
+    """Tokens that end a reply: EOS, and the pad token generate() writes after a row has finished."""
+    config = vlm.model.generation_config
+    eos = config.eos_token_id
+    return set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]) | {config.pad_token_id}
+
+
+def _greedy(vlm, batch, max_new_tokens: int, stop: Callable[[str], bool],
+            starts: Sequence[int] | None = None) -> list[tuple[list[int], int | None]]:
+    """Greedy replies that stop once `stop(reply)` holds, at EOS, or at `max_new_tokens` reply tokens.
+
+    A row's reply starts at `starts[row]` (default: after the prompt), so rows may carry forced reply tokens.
+    Returns per row (reply ids, the EOS or pad token that ended it or None).
+    """
     from transformers import StoppingCriteria, StoppingCriteriaList
 
-    prompt_len = batch.seq_len
+    width = batch.seq_len
+    starts = list(starts) if starts is not None else [width] * len(batch)
     tokenizer = vlm.tokenizer
 
     class Decided(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
-            texts = tokenizer.batch_decode(input_ids[:, prompt_len:], skip_special_tokens=True)
-            return torch.tensor([stop(t) for t in texts], device=input_ids.device)
+            done = [len(row) - s >= max_new_tokens or stop(tokenizer.decode(row[s:], skip_special_tokens=True))
+                    for row, s in zip(input_ids.tolist(), starts)]
+            return torch.tensor(done, device=input_ids.device)
 
+    budget = max_new_tokens - min(width - s for s in starts)
     with torch.inference_mode():
-        out = vlm.model.generate(**batch.inputs, generation_config=vlm.greedy_config(max_new_tokens),
+        out = vlm.model.generate(**batch.inputs, generation_config=vlm.greedy_config(max(1, budget)),
                                  stopping_criteria=StoppingCriteriaList([Decided()]))
-    eos = set(_as_list(vlm.model.generation_config.eos_token_id)) | {vlm.tokenizer.pad_token_id}
+    enders = _enders(vlm)
     rows = []
-    for row in out[:, prompt_len:].tolist():
-        kept = []
-        for t in row:
-            if t in eos:
+    for row, start in zip(out.tolist(), starts):
+        reply, ended = [], None
+        for token in row[start:][:max_new_tokens]:
+            if token in enders:
+                ended = token
                 break
-            kept.append(t)
-        rows.append(kept)
+            reply.append(token)
+        rows.append((reply, ended))
     return rows
 
 
-def _as_list(value) -> list[int]:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
+def _with_replies(batch, replies: Sequence[Sequence[int]], pad: int):
+    """An R-row batch of a one-row prompt batch, row r followed by `replies[r]`, left-padded.
+
+    Returns the batch and each row's reply start.
+    """
+    from halluscope.models.vlm import Batch
+
+    rows = len(replies)
+    width = batch.seq_len + max(len(r) for r in replies)
+    token_rows = {k: batch.inputs[k][0] for k in ("input_ids", "attention_mask", "mm_token_type_ids")
+                  if k in batch.inputs}
+    fills = {"input_ids": pad, "attention_mask": 0, "mm_token_type_ids": 0}
+    inputs = {k: torch.full((rows, width), fills[k], dtype=v.dtype, device=v.device) for k, v in token_rows.items()}
+    image_mask = torch.zeros(rows, width, dtype=torch.bool, device=batch.image_mask.device)
+    starts = []
+    for r, reply in enumerate(replies):
+        offset = width - batch.seq_len - len(reply)
+        extra = torch.tensor(list(reply), dtype=torch.long, device=batch.input_ids.device)
+        inputs["input_ids"][r, offset:] = torch.cat([token_rows["input_ids"], extra])
+        inputs["attention_mask"][r, offset:] = 1
+        if "mm_token_type_ids" in inputs:
+            inputs["mm_token_type_ids"][r, offset:offset + batch.seq_len] = token_rows["mm_token_type_ids"]
+        image_mask[r, offset:offset + batch.seq_len] = batch.image_mask[0]
+        starts.append(width - len(reply))
+    for key, value in batch.inputs.items():
+        if key not in inputs:  # image tensors: one copy per row (Qwen flattens patches along dim 0, so cat works)
+            inputs[key] = torch.cat([value] * rows)
+    return Batch(inputs, image_mask), starts
+
+
+def _coefficients(vlm, heads: Sequence[tuple[int, int]], alpha: float) -> torch.Tensor:
+    coef = torch.ones(len(heads), vlm.n_layers, vlm.n_heads)
+    for row, (layer, head) in enumerate(heads):
+        coef[row, layer, head] = alpha
+    return coef
 
 
 def generate_prompt(vlm, item: SweepItem, heads: Sequence[tuple[int, int]], *, mode: str = "zero",
                     alpha: float = 0.0, means: torch.Tensor | None = None, batch_size: int = 16,
                     max_new_tokens: int = 50) -> list[dict[str, Any]]:
-    """Greedy replies with each knockout in `heads` (one row per head), stopped once the answer is decided."""
+    """Greedy replies with each knockout in `heads`, stopped once the answer is decided; one dict per head."""
+    batch = vlm.encode([(item.image, item.prompt)])
+    if mode == "reference-mean":  # its edit depends on which positions share a forward: decode step by step
+        replies = _decode(vlm, item, batch, list(heads), [[] for _ in heads], mode, alpha, means, batch_size,
+                          max_new_tokens)
+    else:
+        replies = _verify_then_decode(vlm, item, batch, list(heads), mode, alpha, means, batch_size, max_new_tokens)
     results = []
+    for ids in replies:
+        reply = vlm.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        answer, outcome = item.classify(reply)
+        results.append({"reply": reply, "answer": answer, "outcome": outcome})
+    return results
+
+
+def _verify_then_decode(vlm, item, batch, heads, mode, alpha, means, batch_size, max_new_tokens) -> list[list[int]]:
+    clean, ender = _greedy(vlm, batch, max_new_tokens, item.decided)[0]
+    enders = _enders(vlm)
+    sequence = clean + ([ender] if ender is not None else [])  # the tokens each knockout must reproduce
+    replies: list[list[int] | None] = [None] * len(heads)
+    pending: list[tuple[int, list[int]]] = []
+    by_layer: dict[int, list[int]] = {}
+    for index, (layer, _) in enumerate(heads):
+        by_layer.setdefault(layer, []).append(index)
+    with HeadHooks(vlm, means=means) as hooks:
+        cache = _LayerInputs(vlm)
+        cache.capture(_append(batch, sequence[:-1]))
+        target = torch.tensor(sequence)
+        for layer, indices in by_layer.items():
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start:start + batch_size]
+                hooks.set(_coefficients(vlm, [heads[i] for i in chunk], alpha), mode=mode)
+                logits = cache.run_from(layer, len(chunk), positions=len(sequence))
+                predicted = logits.view(len(chunk), len(sequence), -1).argmax(-1).cpu()
+                for index, row in zip(chunk, predicted):
+                    differs = (row != target).nonzero()
+                    if len(differs) == 0:
+                        replies[index] = list(clean)
+                        continue
+                    j = int(differs[0])
+                    forced = sequence[:j] + [int(row[j])]
+                    if forced[-1] in enders:
+                        replies[index] = forced[:-1]
+                    elif len(forced) >= max_new_tokens or item.decided(
+                            vlm.tokenizer.decode(forced, skip_special_tokens=True)):
+                        replies[index] = forced
+                    else:
+                        pending.append((index, forced))
+    if pending:
+        decoded = _decode(vlm, item, batch, [heads[i] for i, _ in pending], [f for _, f in pending], mode, alpha,
+                          means, batch_size, max_new_tokens)
+        for (index, _), ids in zip(pending, decoded):
+            replies[index] = ids
+    return replies  # type: ignore[return-value]
+
+
+def _decode(vlm, item, batch, heads, forced, mode, alpha, means, batch_size, max_new_tokens) -> list[list[int]]:
+    """Greedy replies for knockouts `heads`, row r continuing from its forced reply tokens `forced[r]`."""
+    out: list[list[int]] = []
+    pad = vlm.model.generation_config.pad_token_id
     with HeadHooks(vlm, means=means) as hooks:
         for start in range(0, len(heads), batch_size):
-            chunk = heads[start:start + batch_size]
-            batch = vlm.encode([(item.image, item.prompt)] * len(chunk))
-            coef = torch.ones(len(chunk), vlm.n_layers, vlm.n_heads)
-            for r, (layer, head) in enumerate(chunk):
-                coef[r, layer, head] = alpha
-            hooks.set(coef, mode=mode, row_mask=batch.attention_mask)
-            for ids in _generate_decided(vlm, batch, max_new_tokens, item.decided):
-                reply = vlm.tokenizer.decode(ids, skip_special_tokens=True).strip()
-                answer, outcome = item.classify(reply)
-                results.append({"reply": reply, "answer": answer, "outcome": outcome})
-    return results
+            rows, starts = _with_replies(batch, forced[start:start + batch_size], pad)
+            hooks.set(_coefficients(vlm, heads[start:start + batch_size], alpha), mode=mode,
+                      row_mask=rows.attention_mask)
+            out.extend(ids for ids, _ in _greedy(vlm, rows, max_new_tokens, item.decided, starts))
+    return out
 
 
 # ---- the naive loops the engine must equal --------------------------------------------------------------
@@ -339,7 +442,7 @@ def naive_generate(vlm, item: SweepItem, heads: Iterable[tuple[int, int]], *, mo
     for head in heads:
         with intervene(vlm, HeadIntervention({head}, mode=mode, alpha=alpha), means=means,
                        row_mask=batch.attention_mask):
-            ids = _generate_decided(vlm, batch, max_new_tokens, stop or item.decided)[0]
+            ids = _greedy(vlm, batch, max_new_tokens, stop or item.decided)[0][0]
         reply = vlm.tokenizer.decode(ids, skip_special_tokens=True).strip()
         answer, outcome = item.classify(reply)
         results.append({"reply": reply, "answer": answer, "outcome": outcome})
