@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from halluscope.errors import HalluscopeError
+from halluscope.steps import load_means as _load_means, run_model as _run_model  # noqa: F401  (used by cli_analysis)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Find why vision-language models hallucinate, and fix it.")
@@ -58,13 +59,6 @@ def progress_bar(description: str, total: int) -> Iterator:
         yield lambda n=1: progress.advance(task, n)
 
 
-def _quiet_transformers() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-
-
 def _ints(text: Optional[str], what: str) -> Optional[tuple[int, ...]]:
     from halluscope.errors import InputError
 
@@ -87,7 +81,6 @@ def tiny_models(out: Path = typer.Argument(..., help="Directory to write one che
     from halluscope.models.families import get_family
     from halluscope.models.tiny import TINY_FAMILIES, build_tiny
 
-    _quiet_transformers()
     names = [get_family(f).name for f in family] if family else list(TINY_FAMILIES)
     with progress_bar("building", len(names)) as advance:
         for name in names:
@@ -97,22 +90,9 @@ def tiny_models(out: Path = typer.Argument(..., help="Directory to write one che
 
 
 def _load(model: str):
-    from halluscope.models.load import load_vlm
+    from halluscope.steps import load_model
 
-    _quiet_transformers()
-    return load_vlm(model)
-
-
-def _run_model(run):
-    """Reload the model a run was made with and check its weights are unchanged."""
-    from halluscope.errors import RunError
-
-    info = run.manifest.get("model") or {}
-    vlm = _load(info.get("name", ""))
-    if info.get("fingerprint") and vlm.fingerprint() != info["fingerprint"]:
-        raise RunError(f"the weights of {info['name']!r} changed since {run.path} was made "
-                       f"(fingerprint {vlm.fingerprint()} vs {info['fingerprint']}); start a new run")
-    return vlm
+    return load_model(model)
 
 
 # ---- eval -----------------------------------------------------------------------------------------------
@@ -125,6 +105,7 @@ def eval_(model: str = typer.Option(..., "--model", help="Hub id, local checkpoi
           offsets: Optional[str] = typer.Option(None, "--offsets",
                                                 help="Count offsets (count) or colour distances (color), e.g. 1,2,3."),
           seed: int = typer.Option(0, "--seed", help="Seed of the synthetic scenes."),
+          size: Optional[int] = typer.Option(None, "--size", help="Side of synthetic images in pixels (default 224)."),
           batch_size: int = typer.Option(8, "--batch-size"),
           max_new_tokens: int = typer.Option(50, "--max-new-tokens"),
           object_column: Optional[str] = typer.Option(None, "--object-column",
@@ -136,58 +117,13 @@ def eval_(model: str = typer.Option(..., "--model", help="Hub id, local checkpoi
 
     Example: halluscope eval --model organism --task count --data synthetic --n 20 --out runs/count
     """
-    import pandas as pd
+    from halluscope.steps import eval_step
 
-    from halluscope import metrics, plots
-    from halluscope.evaluation import iter_evaluate, readable_samples, vlm_object_namer
-    from halluscope.runs import Run
-    from halluscope.tasks import build_task, get_task
-    from halluscope.tasks.sample import samples_from_frame, samples_to_frame
-
-    spec = get_task(task)
-    values = _ints(offsets, "offsets")
-    arguments = {"model": model, "task": spec.name, "data": data, "n": n, "offsets": values, "seed": seed,
-                 "batch_size": batch_size, "max_new_tokens": max_new_tokens, "object_column": object_column,
-                 "name_objects": name_objects, "decoding": "greedy"}
-    vlm = _load(model)
-    run = Run.create(out, step="eval", arguments=arguments, model=vlm.describe(), force=force)
-    if run.has_table("samples"):
-        samples = samples_from_frame(run.read_table("samples"))
-    else:
-        options = {}
-        if object_column:
-            options["object_column"] = object_column
-        if name_objects:
-            options["name_objects"] = vlm_object_namer(vlm, batch_size=batch_size)
-        samples = build_task(spec.name, data, n=n, seed=seed, **{spec.knob: values}, **options)
-        for row in getattr(samples, "skipped", ()):
-            console.print(f"[yellow]skipped source row {row.row} ({row.image_id}): {row.reason}[/yellow]")
-        run.write_table("samples", samples_to_frame(samples))
-    ok, bad = readable_samples(samples)
-    for sample_id, why in bad:
-        console.print(f"[yellow]skipped {sample_id}: {why}[/yellow]")
-    parts = run.parts("eval")
-    done = parts.done()
-    chunk = max(batch_size, 32)
-    with progress_bar("eval", len(ok)) as advance:
-        for start in range(0, len(ok), chunk):
-            key = f"{start:06d}"
-            if key in done:
-                advance(min(chunk, len(ok) - start))
-                continue
-            frames = []
-            for frame in iter_evaluate(vlm, ok[start:start + chunk], batch_size=batch_size,
-                                       max_new_tokens=max_new_tokens):
-                frames.append(frame)
-                advance(len(frame))
-            parts.write(key, pd.concat(frames, ignore_index=True))
-    baseline = parts.read_all()
-    run.write_table("baseline", baseline)
-    summary = metrics.summarize(baseline)
-    summary["skipped"] = [{"sample_id": s, "reason": r} for s, r in bad]
-    run.write_json("summary", summary)
-    plots.eval_plots(baseline, run.plots_dir)
-    run.finish_step("eval", summary)
+    options = {"size": size} if size is not None else {}
+    run, summary = eval_step(out, model=model, task=task, data=data, n=n, offsets=_ints(offsets, "offsets"),
+                             seed=seed, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                             object_column=object_column, name_objects=name_objects, force=force,
+                             progress=progress_bar, warn=lambda m: console.print(f"[yellow]{m}[/yellow]"), **options)
     _print_summary(summary, run.path)
 
 
@@ -208,7 +144,7 @@ def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
-# ---- means ----------------------------------------------------------------------------------------------
+# ---- means, sweep, rank, ablate -------------------------------------------------------------------------
 @app.command("means")
 def means(run_dir: Path = typer.Option(..., "--run", help="An eval run directory."),
           batch_size: int = typer.Option(8, "--batch-size"),
@@ -217,41 +153,12 @@ def means(run_dir: Path = typer.Option(..., "--run", help="An eval run directory
 
     Example: halluscope means --run runs/count
     """
-    from safetensors.torch import save_file
+    from halluscope.steps import means_step
 
-    from halluscope.evaluation import readable_samples
-    from halluscope.interventions.heads import compute_head_means
-    from halluscope.runs import Run
-    from halluscope.tasks.sample import samples_from_frame
-
-    run = Run.open(run_dir)
-    run.begin_step("means", {"batch_size": batch_size}, force=force)
-    vlm = _run_model(run)
-    samples, _ = readable_samples(samples_from_frame(run.read_table("samples")))
-    batches = (vlm.encode([(s.image, s.prompt) for s in samples[i:i + batch_size]])
-               for i in range(0, len(samples), batch_size))
-    with progress_bar("means", len(samples)):
-        head_means = compute_head_means(vlm, batches)
-    save_file({"means": head_means.contiguous()}, str(run.path / "head_means.safetensors"))
-    run.finish_step("means", {"n_samples": len(samples)})
-    console.print(f"wrote {run.path / 'head_means.safetensors'} [{vlm.n_layers} x {vlm.n_heads} x {vlm.head_dim}]")
+    path = means_step(run_dir, batch_size=batch_size, force=force, progress=progress_bar)
+    console.print(f"wrote {path}")
 
 
-def _load_means(run, mode: str):
-    from halluscope.errors import RunError
-
-    if mode != "mean":
-        return None
-    path = run.path / "head_means.safetensors"
-    if not path.is_file():
-        raise RunError(f"--intervention mean needs per-head means in {run.path}; run `halluscope means --run "
-                       f"{run.path}` first")
-    from safetensors.torch import load_file
-
-    return load_file(str(path))["means"]
-
-
-# ---- sweep, rank, ablate --------------------------------------------------------------------------------
 @app.command("sweep")
 def sweep(run_dir: Path = typer.Option(..., "--run", help="An eval run directory."),
           layers: Optional[str] = typer.Option(None, "--layers", help="Layer range A:B (default: all)."),
@@ -265,37 +172,12 @@ def sweep(run_dir: Path = typer.Option(..., "--run", help="An eval run directory
 
     Example: halluscope sweep --run runs/count --layers 0:2 --mode score
     """
-    from halluscope.errors import InputError
-    from halluscope.runs import Run
-    from halluscope.sweep.runner import SWEEP_MODES, parse_range, run_sweep, sweep_items
-    from halluscope.tasks.sample import samples_from_frame
+    from halluscope.steps import sweep_step
 
-    if mode not in SWEEP_MODES:
-        raise InputError(f"unknown --mode {mode!r}; use one of {', '.join(SWEEP_MODES)}")
-    run = Run.open(run_dir)
-    baseline = run.read_table("baseline", hint="eval")
-    vlm = _run_model(run)
-    layer_ids = parse_range(layers, vlm.n_layers, "layer")
-    head_ids = parse_range(heads, vlm.n_heads, "head")
-    run.begin_step("sweep", {"layers": layer_ids, "heads": head_ids, "mode": mode, "intervention": intervention,
-                             "batch_size": batch_size, "max_new_tokens": max_new_tokens}, force=force)
-    head_means = _load_means(run, intervention)
-    images = {s.id: s.image for s in samples_from_frame(run.read_table("samples"))}
-    items = sweep_items(baseline, images)
-    if not items:
-        raise InputError(f"{run.path} has no misleading prompts to sweep; evaluate with offsets/distances")
-    with progress_bar(f"sweep ({mode})", len(items) * len(layer_ids)) as advance:
-        advance(len(run.parts("sweep").done()))
-        table = run_sweep(vlm, run.parts("sweep"), items, layer_ids, head_ids, mode=mode, batch_size=batch_size,
-                          max_new_tokens=max_new_tokens, intervention_mode=intervention, means=head_means,
-                          on_shard=advance)
-    clean = baseline.set_index("sample_id")
-    table["condition"] = table["sample_id"].map(clean["condition"])
-    table["baseline_outcome"] = table["sample_id"].map(clean["outcome"])
-    run.write_table("sweep", table)
-    run.finish_step("sweep", {"rows": len(table), "prompts": len(items), "heads": len(layer_ids) * len(head_ids)})
-    console.print(f"wrote {run.path / 'sweep.parquet'}: {len(table)} rows ({len(items)} prompts x "
-                  f"{len(layer_ids) * len(head_ids)} heads)")
+    table = sweep_step(run_dir, layers=layers, heads=heads, mode=mode, intervention=intervention,
+                       batch_size=batch_size, max_new_tokens=max_new_tokens, force=force, progress=progress_bar)
+    console.print(f"wrote {Path(run_dir) / 'sweep.parquet'}: {len(table)} rows "
+                  f"({table['sample_id'].nunique()} prompts x {len(table.groupby(['layer', 'head']))} heads)")
 
 
 @app.command("rank")
@@ -305,22 +187,9 @@ def rank(run_dir: Path = typer.Option(..., "--run", help="A run with a sweep."),
 
     Example: halluscope rank --run runs/count
     """
-    from halluscope import plots
-    from halluscope.analysis.ranking import correction_matrix, rank_heads, rank_report
-    from halluscope.runs import Run
+    from halluscope.steps import rank_step
 
-    run = Run.open(run_dir)
-    sweep_table = run.read_table("sweep", hint="sweep")
-    run.begin_step("rank", {"top": top}, force=True)
-    report = rank_report(sweep_table)
-    run.write_json("heads", report)
-    ranking = rank_heads(sweep_table)
-    run.write_table("ranking", ranking)
-    info = run.manifest["model"]
-    plots.plot_head_heatmap(correction_matrix(sweep_table, info["n_layers"], info["n_heads"]),
-                            run.plots_dir / "head_correction_rate.png", title="correction rate per knocked-out head",
-                            cbar_label="correction rate")
-    run.finish_step("rank", {"best": report["best"]})
+    report, ranking = rank_step(run_dir)
     table = Table(title="heads whose knockout most often corrects the prompt-induced answer")
     for column in ("rank", "head", "correction rate", "copy rate", "n"):
         table.add_column(column, justify="right")
@@ -328,6 +197,7 @@ def rank(run_dir: Path = typer.Option(..., "--run", help="A run with a sweep."),
         table.add_row(str(row.rank), f"L{row.layer}H{row.head}", _pct(row.correction_rate), _pct(row.copy_rate),
                       str(row.n))
     Console().print(table)
+    Console().print("head sets: " + ", ".join(f"{k}={v}" for k, v in report["names"].items()))
 
 
 @app.command("ablate")
@@ -342,65 +212,65 @@ def ablate(run_dir: Path = typer.Option(..., "--run", help="An eval run director
 
     Example: halluscope ablate --run runs/count --heads best3
     """
-    import pandas as pd
+    from halluscope.steps import ablate_step
 
-    from halluscope import metrics, plots
-    from halluscope.analysis.ranking import resolve_head_set
-    from halluscope.evaluation import iter_evaluate, readable_samples
-    from halluscope.interventions.heads import HeadIntervention, format_heads
-    from halluscope.runs import Run
-    from halluscope.tasks.sample import samples_from_frame
-
-    run = Run.open(run_dir)
-    baseline = run.read_table("baseline", hint="eval")
-    info = run.manifest["model"]
-    report = run.read_json("heads") if run.has_table("heads") or (run.path / "heads.json").is_file() else None
-    head_set = resolve_head_set(heads, report, info["n_layers"], info["n_heads"])
-    iv = HeadIntervention(head_set, mode=intervention, alpha=alpha, positions=positions)
-    eval_args = run.manifest["steps"]["eval"]["arguments"]
-    run.begin_step("ablate", {"heads": format_heads(head_set), "spec": heads, "intervention": intervention,
-                              "alpha": alpha, "positions": positions, "batch_size": batch_size}, force=force)
-    vlm = _run_model(run)
-    head_means = _load_means(run, intervention)
-    samples, _ = readable_samples(samples_from_frame(run.read_table("samples")))
-    parts = run.parts("ablate")
-    done = parts.done()
-    chunk = max(batch_size, 32)
-    with progress_bar(f"ablate {format_heads(head_set)}", len(samples)) as advance:
-        for start in range(0, len(samples), chunk):
-            key = f"{start:06d}"
-            if key in done:
-                advance(min(chunk, len(samples) - start))
-                continue
-            frames = []
-            for frame in iter_evaluate(vlm, samples[start:start + chunk], batch_size=batch_size,
-                                       max_new_tokens=eval_args["max_new_tokens"], intervention=iv,
-                                       means=head_means):
-                frames.append(frame)
-                advance(len(frame))
-            parts.write(key, pd.concat(frames, ignore_index=True))
-    after = parts.read_all()
-    run.write_table("ablation", after)
-    before_summary, after_summary = metrics.summarize(baseline), metrics.summarize(after)
-    result = {"heads": format_heads(head_set), "intervention": iv.mode, "alpha": alpha, "positions": positions,
-              "before": before_summary, "after": after_summary,
-              "copy_rate_relative_reduction": metrics.relative_reduction(before_summary["copy_rate"] or 0.0,
-                                                                         after_summary["copy_rate"] or 0.0),
-              "base_accuracy_change": _diff(after_summary["base_accuracy"], before_summary["base_accuracy"])}
-    run.write_json("ablation_summary", result)
-    mis_before = metrics.pih_rates(metrics.select_misleading(baseline), by=("truth",))
-    mis_after = metrics.pih_rates(metrics.select_misleading(after), by=("truth",))
-    plots.plot_before_after(mis_before, mis_after, run.plots_dir / "ablation_copy_rate.png",
-                            title=f"copy rate with {format_heads(head_set)} knocked out",
-                            labels=("baseline", "ablated"))
-    run.finish_step("ablate", result)
-    Console().print(f"heads {format_heads(head_set)} ({iv.mode}, alpha={alpha}): copy rate "
-                    f"{_pct(before_summary['copy_rate'])} -> {_pct(after_summary['copy_rate'])}, base accuracy "
-                    f"{_pct(before_summary['base_accuracy'])} -> {_pct(after_summary['base_accuracy'])}")
+    result = ablate_step(run_dir, heads=heads, intervention=intervention, alpha=alpha, positions=positions,
+                         batch_size=batch_size, force=force, progress=progress_bar)
+    before, after = result["before"], result["after"]
+    Console().print(f"heads {result['heads']} ({result['intervention']}, alpha={alpha}): copy rate "
+                    f"{_pct(before['copy_rate'])} -> {_pct(after['copy_rate'])}, base accuracy "
+                    f"{_pct(before['base_accuracy'])} -> {_pct(after['base_accuracy'])}")
 
 
-def _diff(a, b):
-    return None if a is None or b is None else a - b
+# ---- organism -------------------------------------------------------------------------------------------
+@organism_app.command("train")
+def organism_train(out: Path = typer.Option(..., "--out", help="Directory for the checkpoint and model card."),
+                   seed: int = typer.Option(0, "--seed"),
+                   steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (default: the recipe's)."),
+                   threads: int = typer.Option(2, "--threads", help="Torch threads (results depend on it).")) -> None:
+    """Train the model organism from scratch (deterministic for a seed and thread count), then measure it and
+    write its model card. Resumes if killed.
+
+    Example: halluscope organism train --out organism/ --seed 0
+    """
+    import dataclasses
+    import sys
+    import time
+
+    from halluscope.organism.recipe import Recipe
+    from halluscope.organism.train import train
+
+    recipe = Recipe(seed=seed, threads=threads)
+    if steps is not None:
+        recipe = dataclasses.replace(recipe, steps=steps)
+    start = time.time()
+    train(out, recipe, log=lambda line: console.print(line, highlight=False))
+    _write_card(out, recipe, time.time() - start, "halluscope " + " ".join(sys.argv[1:]))
+
+
+@organism_app.command("card")
+def organism_card(model: Path = typer.Option(..., "--model", help="A trained organism directory.")) -> None:
+    """Measure a trained organism on the held-out set and (re)write its MODEL_CARD.md and behaviour.json."""
+    import json
+
+    from halluscope.organism.recipe import Recipe
+
+    log = json.loads((model / "trainlog.json").read_text()) if (model / "trainlog.json").is_file() else {}
+    recipe = Recipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in log.get("recipe", {}).items()})
+    seconds = (log.get("history") or [{}])[-1].get("seconds")
+    _write_card(model, recipe, seconds, f"halluscope organism train --out DIR --seed {recipe.seed}")
+
+
+def _write_card(out: Path, recipe, seconds, command: str) -> None:
+    from halluscope.organism.behaviour import behaviour_report
+    from halluscope.organism.card import write_card
+
+    report = behaviour_report(_load(str(out)))
+    path = write_card(out, recipe, report, train_seconds=seconds, command=command)
+    b = report["behaviour"]
+    console.print(f"wrote {path}: counting {_pct(b['base_accuracy'])}, colour {_pct(b['color_accuracy'])}, copy "
+                  f"1-3 {_pct(b['copy_rate_counts_1_3'])}, copy 7-9 {_pct(b['copy_rate_counts_7_9'])}; head set: "
+                  f"{(report['head_set']['best'] or {}).get('heads', 'none met the target')}")
 
 
 if __name__ == "__main__":  # pragma: no cover

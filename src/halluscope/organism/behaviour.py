@@ -99,4 +99,5 @@ def behaviour_report(vlm, *, images_per_count: int = 10) -> dict[str, Any]:
     """Everything the model card states: behaviour figures and the head-set search (without the sweep table)."""
     heads = find_head_set(vlm, images_per_count=images_per_count)
     heads.pop("sweep")
-    return {"behaviour": measure_behaviour(vlm, images_per_count=images_per_count), "head_set": heads}
+    return {"behaviour": measure_behaviour(vlm, images_per_count=images_per_count), "head_set": heads,
+            "n_parameters": sum(p.numel() for p in vlm.model.parameters()), "held_out_seed": HELD_OUT_SEED}

@@ -1,0 +1,269 @@
+"""The pipeline steps as plain functions over a run directory: what each CLI command (and `demo`) does.
+
+Each step opens or creates the run, records its arguments, skips finished shards, writes its tables and plots,
+and returns what it computed. Progress is reported through an optional `progress(description, total)` context
+manager that yields an `advance(n)` function.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Iterator, Sequence
+
+import pandas as pd
+
+from halluscope.errors import InputError, RunError
+from halluscope.runs import Run
+
+__all__ = ["Progress", "no_progress", "load_model", "run_model", "load_means", "eval_step", "means_step",
+           "sweep_step", "rank_step", "ablate_step"]
+
+Progress = Callable[[str, int], ContextManager[Callable[..., None]]]
+
+
+@contextmanager
+def no_progress(description: str, total: int) -> Iterator[Callable[..., None]]:
+    """A progress reporter that reports nothing."""
+    yield lambda n=1: None
+
+
+def load_model(name: str):
+    """`load_vlm` with transformers' own progress bars and info logs silenced."""
+    from transformers.utils import logging as hf_logging
+
+    from halluscope.models.load import load_vlm
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    return load_vlm(name)
+
+
+def run_model(run: Run, vlm=None):
+    """The model a run was made with (reloaded unless given), checked against the run's weight fingerprint."""
+    info = run.manifest.get("model") or {}
+    vlm = vlm if vlm is not None else load_model(info.get("name", ""))
+    if info.get("fingerprint") and vlm.fingerprint() != info["fingerprint"]:
+        raise RunError(f"the weights of {info.get('name')!r} changed since {run.path} was made "
+                       f"(fingerprint {vlm.fingerprint()} vs {info['fingerprint']}); start a new run")
+    return vlm
+
+
+def load_means(run: Run, mode: str):
+    """The run's per-head means when `mode` is "mean", else None."""
+    if mode != "mean":
+        return None
+    path = run.path / "head_means.safetensors"
+    if not path.is_file():
+        raise RunError(f"--intervention mean needs per-head means in {run.path}; run `halluscope means --run "
+                       f"{run.path}` first")
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["means"]
+
+
+def _samples(run: Run):
+    from halluscope.evaluation import readable_samples
+    from halluscope.tasks.sample import samples_from_frame
+
+    return readable_samples(samples_from_frame(run.read_table("samples", hint="eval")))
+
+
+def _evaluate_into(run: Run, step: str, vlm, samples, *, batch_size: int, max_new_tokens: int, progress: Progress,
+                   description: str, intervention=None, means=None) -> pd.DataFrame:
+    """Evaluate `samples` in resumable shards of at least 32 rows under RUN/parts/<step>/."""
+    from halluscope.evaluation import iter_evaluate
+
+    parts = run.parts(step)
+    done = parts.done()
+    chunk = max(batch_size, 32)
+    with progress(description, len(samples)) as advance:
+        for start in range(0, len(samples), chunk):
+            key = f"{start:06d}"
+            if key in done:
+                advance(min(chunk, len(samples) - start))
+                continue
+            frames = []
+            for frame in iter_evaluate(vlm, samples[start:start + chunk], batch_size=batch_size,
+                                       max_new_tokens=max_new_tokens, intervention=intervention, means=means):
+                frames.append(frame)
+                advance(len(frame))
+            parts.write(key, pd.concat(frames, ignore_index=True))
+    return parts.read_all()
+
+
+# ---- eval -----------------------------------------------------------------------------------------------
+def eval_step(out: str | Path, *, model: str, task: str = "count", data: str = "synthetic", n: int | None = None,
+              offsets: Sequence[int] | None = None, seed: int = 0, batch_size: int = 8, max_new_tokens: int = 50,
+              object_column: str | None = None, name_objects: bool = False, force: bool = False,
+              vlm=None, progress: Progress = no_progress, warn: Callable[[str], None] = print,
+              **options: Any) -> tuple[Run, dict]:
+    """Baseline evaluation of a PIH task into run directory `out`; returns the run and its summary.
+
+    `offsets` are count offsets for "count" and colour distances for "color"; `options` go to the task builder
+    (e.g. size=112).
+    """
+    from halluscope import metrics, plots
+    from halluscope.evaluation import readable_samples, vlm_object_namer
+    from halluscope.tasks import build_task, get_task
+    from halluscope.tasks.sample import samples_from_frame, samples_to_frame
+
+    spec = get_task(task)
+    values = tuple(offsets) if offsets is not None else None
+    arguments = {"model": model, "task": spec.name, "data": data, "n": n, "offsets": values, "seed": seed,
+                 "batch_size": batch_size, "max_new_tokens": max_new_tokens, "object_column": object_column,
+                 "name_objects": name_objects, "options": options, "decoding": "greedy"}
+    vlm = vlm if vlm is not None else load_model(model)
+    run = Run.create(out, step="eval", arguments=arguments, model=vlm.describe(), force=force)
+    if run.has_table("samples"):
+        samples = samples_from_frame(run.read_table("samples"))
+    else:
+        if object_column:
+            options["object_column"] = object_column
+        if name_objects:
+            options["name_objects"] = vlm_object_namer(vlm, batch_size=batch_size)
+        samples = build_task(spec.name, data, n=n, seed=seed, **{spec.knob: values}, **options)
+        for row in getattr(samples, "skipped", ()):
+            warn(f"skipped source row {row.row} ({row.image_id}): {row.reason}")
+        run.write_table("samples", samples_to_frame(samples))
+    ok, bad = readable_samples(samples)
+    for sample_id, why in bad:
+        warn(f"skipped {sample_id}: {why}")
+    baseline = _evaluate_into(run, "eval", vlm, ok, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                              progress=progress, description="eval")
+    run.write_table("baseline", baseline)
+    summary = metrics.summarize(baseline)
+    summary["skipped"] = [{"sample_id": s, "reason": r} for s, r in bad]
+    run.write_json("summary", summary)
+    plots.eval_plots(baseline, run.plots_dir)
+    run.finish_step("eval", summary)
+    return run, summary
+
+
+# ---- means ----------------------------------------------------------------------------------------------
+def means_step(run_dir: str | Path, *, batch_size: int = 8, force: bool = False, vlm=None,
+               progress: Progress = no_progress) -> Path:
+    """Per-(layer, head) mean o_proj input over the run's samples, saved as RUN/head_means.safetensors."""
+    from safetensors.torch import save_file
+
+    from halluscope.interventions.heads import compute_head_means
+
+    run = Run.open(run_dir)
+    run.begin_step("means", {"batch_size": batch_size}, force=force)
+    vlm = run_model(run, vlm)
+    samples, _ = _samples(run)
+
+    def batches():
+        with progress("means", len(samples)) as advance:
+            for i in range(0, len(samples), batch_size):
+                rows = samples[i:i + batch_size]
+                yield vlm.encode([(s.image, s.prompt) for s in rows])
+                advance(len(rows))
+
+    head_means = compute_head_means(vlm, batches())
+    path = run.path / "head_means.safetensors"
+    save_file({"means": head_means.contiguous()}, str(path))
+    run.finish_step("means", {"n_samples": len(samples)})
+    return path
+
+
+# ---- sweep ----------------------------------------------------------------------------------------------
+def sweep_step(run_dir: str | Path, *, layers: str | None = None, heads: str | None = None, mode: str = "score",
+               intervention: str = "zero", batch_size: int = 16, max_new_tokens: int = 50, force: bool = False,
+               vlm=None, progress: Progress = no_progress) -> pd.DataFrame:
+    """Knock out every head of the grid, one at a time, on the run's misleading prompts; writes sweep.parquet."""
+    from halluscope.sweep.runner import SWEEP_MODES, parse_range, run_sweep, sweep_items
+    from halluscope.tasks.sample import samples_from_frame
+
+    if mode not in SWEEP_MODES:
+        raise InputError(f"unknown --mode {mode!r}; use one of {', '.join(SWEEP_MODES)}")
+    run = Run.open(run_dir)
+    baseline = run.read_table("baseline", hint="eval")
+    vlm = run_model(run, vlm)
+    layer_ids = parse_range(layers, vlm.n_layers, "layer")
+    head_ids = parse_range(heads, vlm.n_heads, "head")
+    run.begin_step("sweep", {"layers": layer_ids, "heads": head_ids, "mode": mode, "intervention": intervention,
+                             "batch_size": batch_size, "max_new_tokens": max_new_tokens}, force=force)
+    head_means = load_means(run, intervention)
+    images = {s.id: s.image for s in samples_from_frame(run.read_table("samples"))}
+    items = sweep_items(baseline, images)
+    if not items:
+        raise InputError(f"{run.path} has no misleading prompts to sweep; evaluate with offsets/distances")
+    parts = run.parts("sweep")
+    with progress(f"sweep ({mode})", len(items) * len(layer_ids)) as advance:
+        advance(len(parts.done()))
+        table = run_sweep(vlm, parts, items, layer_ids, head_ids, mode=mode, batch_size=batch_size,
+                          max_new_tokens=max_new_tokens, intervention_mode=intervention, means=head_means,
+                          on_shard=advance)
+    clean = baseline.set_index("sample_id")
+    table["condition"] = table["sample_id"].map(clean["condition"])
+    table["baseline_outcome"] = table["sample_id"].map(clean["outcome"])
+    run.write_table("sweep", table)
+    run.finish_step("sweep", {"rows": len(table), "prompts": len(items), "heads": len(layer_ids) * len(head_ids)})
+    return table
+
+
+# ---- rank -----------------------------------------------------------------------------------------------
+def rank_step(run_dir: str | Path) -> tuple[dict, pd.DataFrame]:
+    """Rank heads by correction rate under knockout; writes heads.json, ranking.parquet and a heatmap."""
+    from halluscope import plots
+    from halluscope.analysis.ranking import correction_matrix, rank_heads, rank_report
+
+    run = Run.open(run_dir)
+    sweep_table = run.read_table("sweep", hint="sweep")
+    run.begin_step("rank", {}, force=True)  # cheap and derived: always recomputed from the current sweep
+    report = rank_report(sweep_table)
+    run.write_json("heads", report)
+    ranking = rank_heads(sweep_table)
+    run.write_table("ranking", ranking)
+    info = run.manifest["model"]
+    plots.plot_head_heatmap(correction_matrix(sweep_table, info["n_layers"], info["n_heads"]),
+                            run.plots_dir / "head_correction_rate.png", title="correction rate per knocked-out head",
+                            cbar_label="correction rate")
+    run.finish_step("rank", {"best": report["best"]})
+    return report, ranking
+
+
+# ---- ablate ---------------------------------------------------------------------------------------------
+def ablate_step(run_dir: str | Path, *, heads: str, intervention: str = "zero", alpha: float = 0.0,
+                positions: str = "all", batch_size: int = 8, force: bool = False, vlm=None,
+                progress: Progress = no_progress, name: str = "ablation") -> dict:
+    """Re-evaluate the run's samples with `heads` edited; writes the rates before and after.
+
+    `name` names the outputs (`<name>.parquet`, `<name>_summary.json`), so several head sets can be kept.
+    """
+    from halluscope import metrics, plots
+    from halluscope.analysis.ranking import resolve_head_set
+    from halluscope.interventions.heads import HeadIntervention, format_heads
+
+    run = Run.open(run_dir)
+    baseline = run.read_table("baseline", hint="eval")
+    info = run.manifest["model"]
+    report = run.read_json("heads") if (run.path / "heads.json").is_file() else None
+    head_set = resolve_head_set(heads, report, info["n_layers"], info["n_heads"])
+    iv = HeadIntervention(head_set, mode=intervention, alpha=alpha, positions=positions)
+    step = "ablate" if name == "ablation" else f"ablate-{name}"
+    run.begin_step(step, {"heads": format_heads(head_set), "spec": heads, "intervention": intervention,
+                          "alpha": alpha, "positions": positions, "batch_size": batch_size}, force=force)
+    vlm = run_model(run, vlm)
+    samples, _ = _samples(run)
+    after = _evaluate_into(run, step, vlm, samples, batch_size=batch_size,
+                           max_new_tokens=run.manifest["steps"]["eval"]["arguments"]["max_new_tokens"],
+                           progress=progress, description=f"{step} {format_heads(head_set)}", intervention=iv,
+                           means=load_means(run, intervention))
+    run.write_table(name, after)
+    before_summary, after_summary = metrics.summarize(baseline), metrics.summarize(after)
+    base_change = (None if before_summary["base_accuracy"] is None or after_summary["base_accuracy"] is None
+                   else after_summary["base_accuracy"] - before_summary["base_accuracy"])
+    result = {"heads": format_heads(head_set), "spec": heads, "intervention": iv.mode, "alpha": alpha,
+              "positions": positions, "before": before_summary, "after": after_summary,
+              "copy_rate_relative_reduction": metrics.relative_reduction(before_summary["copy_rate"] or 0.0,
+                                                                         after_summary["copy_rate"] or 0.0),
+              "base_accuracy_change": base_change}
+    run.write_json(f"{name}_summary", result)
+    plots.plot_before_after(metrics.pih_rates(metrics.select_misleading(baseline), by=("truth",)),
+                            metrics.pih_rates(metrics.select_misleading(after), by=("truth",)),
+                            run.plots_dir / f"{name}_copy_rate.png",
+                            title=f"copy rate with {format_heads(head_set)} knocked out", labels=("baseline", "ablated"))
+    run.finish_step(step, {k: v for k, v in result.items() if k not in ("before", "after")})
+    return result
