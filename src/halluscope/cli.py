@@ -19,7 +19,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from halluscope.errors import HalluscopeError
-from halluscope.steps import load_means as _load_means, run_model as _run_model  # noqa: F401  (used by cli_analysis)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Find why vision-language models hallucinate, and fix it.")
@@ -200,6 +199,24 @@ def rank(run_dir: Path = typer.Option(..., "--run", help="A run with a sweep."),
     Console().print("head sets: " + ", ".join(f"{k}={v}" for k, v in report["names"].items()))
 
 
+@app.command("confirm")
+def confirm(run_dir: Path = typer.Option(..., "--run", help="A run with a sweep and a ranking."),
+            heads: str = typer.Option("best5", "--heads", help="A named set from rank (best5) or L0H3,L11H15."),
+            batch_size: int = typer.Option(16, "--batch-size"),
+            max_new_tokens: int = typer.Option(50, "--max-new-tokens"),
+            force: bool = typer.Option(False, "--force")) -> None:
+    """Re-run the top heads' knockouts with greedy generation and compare with the score-mode outcomes.
+
+    Example: halluscope confirm --run runs/count --heads best5
+    """
+    from halluscope.steps import confirm_step
+
+    result = confirm_step(run_dir, heads=heads, batch_size=batch_size, max_new_tokens=max_new_tokens, force=force,
+                          progress=progress_bar)
+    Console().print(f"generate mode agrees with score mode on {_pct(result['agreement'])} of rows for "
+                    f"{result['heads']}")
+
+
 @app.command("ablate")
 def ablate(run_dir: Path = typer.Option(..., "--run", help="An eval run directory."),
            heads: str = typer.Option(..., "--heads", help="A named set from rank (best3, top1) or L0H3,L11H15."),
@@ -272,6 +289,26 @@ def _write_card(out: Path, recipe, seconds, command: str) -> None:
                   f"1-3 {_pct(b['copy_rate_counts_1_3'])}, copy 7-9 {_pct(b['copy_rate_counts_7_9'])}; head set: "
                   f"{(report['head_set']['best'] or {}).get('heads', 'none met the target')}")
 
+
+# ---- demo -----------------------------------------------------------------------------------------------
+@app.command("demo")
+def demo(out: Path = typer.Option(Path("runs/demo"), "--out", help="Run directory to write."),
+         force: bool = typer.Option(False, "--force", help="Overwrite a different run in --out.")) -> None:
+    """The whole PIH pipeline on the built-in organism: eval, sweep, rank, confirm, ablate, attention, probs,
+    and report.md. Offline, a few minutes on a laptop CPU; rerunning resumes.
+
+    Example: halluscope demo --out runs/demo
+    """
+    from halluscope.demo import run_demo
+    from halluscope.report import headline_lines
+
+    headline = run_demo(out, force=force, progress=progress_bar)
+    Console().print(f"\n[bold]halluscope demo[/bold] ({out / 'report.md'})")
+    for line in headline_lines(headline):
+        Console().print(f"  {line}", highlight=False)
+
+
+from halluscope import cli_analysis  # noqa: E402,F401  (registers attention, attention-maps, probs, lens)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

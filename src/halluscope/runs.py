@@ -49,10 +49,16 @@ MANIFEST_SCHEMA = 1
 TABLE_PRODUCERS: dict[str, str] = {
     "samples": "eval",
     "baseline": "eval",
+    "summary": "eval",
     "sweep": "sweep",
     "heads": "rank",
+    "ranking": "rank",
+    "confirm": "confirm",
     "ablation": "ablate",
     "attention": "attention",
+    "attention_maps": "attention-maps",
+    "probs": "probs",
+    "lens": "lens",
 }
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")

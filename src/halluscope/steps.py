@@ -17,7 +17,7 @@ from halluscope.errors import InputError, RunError
 from halluscope.runs import Run
 
 __all__ = ["Progress", "no_progress", "load_model", "run_model", "load_means", "eval_step", "means_step",
-           "sweep_step", "rank_step", "ablate_step"]
+           "sweep_step", "rank_step", "confirm_step", "ablate_step"]
 
 Progress = Callable[[str, int], ContextManager[Callable[..., None]]]
 
@@ -192,7 +192,8 @@ def sweep_step(run_dir: str | Path, *, layers: str | None = None, heads: str | N
     parts = run.parts("sweep")
     with progress(f"sweep ({mode})", len(items) * len(layer_ids)) as advance:
         advance(len(parts.done()))
-        table = run_sweep(vlm, parts, items, layer_ids, head_ids, mode=mode, batch_size=batch_size,
+        table = run_sweep(vlm, parts, items, [(l, h) for l in layer_ids for h in head_ids], mode=mode,
+                          batch_size=batch_size,
                           max_new_tokens=max_new_tokens, intervention_mode=intervention, means=head_means,
                           on_shard=advance)
     clean = baseline.set_index("sample_id")
@@ -222,6 +223,45 @@ def rank_step(run_dir: str | Path) -> tuple[dict, pd.DataFrame]:
                             cbar_label="correction rate")
     run.finish_step("rank", {"best": report["best"]})
     return report, ranking
+
+
+# ---- confirm --------------------------------------------------------------------------------------------
+def confirm_step(run_dir: str | Path, *, heads: str = "best5", batch_size: int = 16, max_new_tokens: int = 50,
+                 force: bool = False, vlm=None, progress: Progress = no_progress) -> dict:
+    """Re-run the sweep's top heads in generate mode (greedy replies) and compare with the score-mode outcomes.
+
+    Writes confirm.parquet (one row per prompt x head, both outcomes) and returns the agreement per head.
+    """
+    from halluscope.analysis.ranking import resolve_head_set
+    from halluscope.interventions.heads import format_heads
+    from halluscope.sweep.runner import run_sweep, sweep_items
+    from halluscope.tasks.sample import samples_from_frame
+
+    run = Run.open(run_dir)
+    scored = run.read_table("sweep", hint="sweep")
+    info = run.manifest["model"]
+    head_set = sorted(resolve_head_set(heads, run.read_json("heads", hint="rank"), info["n_layers"], info["n_heads"]))
+    run.begin_step("confirm", {"heads": format_heads(head_set), "batch_size": batch_size,
+                               "max_new_tokens": max_new_tokens}, force=force)
+    vlm = run_model(run, vlm)
+    images = {s.id: s.image for s in samples_from_frame(run.read_table("samples"))}
+    items = [i for i in sweep_items(run.read_table("baseline"), images) if i.sample_id in set(scored["sample_id"])]
+    parts = run.parts("confirm")
+    with progress("confirm (generate)", len(items) * len({l for l, _ in head_set})) as advance:
+        advance(len(parts.done()))
+        generated = run_sweep(vlm, parts, items, head_set, mode="generate", batch_size=batch_size,
+                              max_new_tokens=max_new_tokens, on_shard=advance)
+    table = generated.merge(scored[["sample_id", "layer", "head", "outcome"]].rename(columns={"outcome": "score_outcome"}),
+                            on=["sample_id", "layer", "head"], how="left")
+    table["agree"] = table["outcome"] == table["score_outcome"]
+    run.write_table("confirm", table)
+    per_head = {f"L{l}H{h}": {"correction_rate": float((g["outcome"] == "corrected").mean()),
+                              "score_correction_rate": float((g["score_outcome"] == "corrected").mean()),
+                              "agreement": float(g["agree"].mean())}
+                for (l, h), g in table.groupby(["layer", "head"])}
+    result = {"heads": format_heads(head_set), "agreement": float(table["agree"].mean()), "per_head": per_head}
+    run.finish_step("confirm", result)
+    return result
 
 
 # ---- ablate ---------------------------------------------------------------------------------------------

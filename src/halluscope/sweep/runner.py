@@ -52,34 +52,37 @@ def sweep_items(baseline: pd.DataFrame, images: dict[str, object],
     return items
 
 
-def run_sweep(vlm, parts, items: Sequence[SweepItem], layers: Sequence[int], heads: Sequence[int], *,
+def run_sweep(vlm, parts, items: Sequence[SweepItem], grid: Sequence[tuple[int, int]], *,
               mode: str = "score", batch_size: int = 16, max_new_tokens: int = 50,
               intervention_mode: str = "zero", means: torch.Tensor | None = None,
               on_shard: Callable[[], None] | None = None) -> pd.DataFrame:
-    """Sweep single-head knockouts of every (layer, head) in layers x heads over `items`.
+    """Sweep single-head knockouts of every (layer, head) in `grid` over `items`, one shard per (item, layer).
 
     Finished shards in `parts` (a `runs.Parts`) are skipped. Returns the full table, one row per
     (item, layer, head), sorted by item order, layer, head.
     """
     if mode not in SWEEP_MODES:
         raise InputError(f"unknown sweep mode {mode!r}; use one of {', '.join(SWEEP_MODES)}")
+    by_layer: dict[int, list[tuple[int, int]]] = {}
+    for layer, head in sorted(set(grid)):
+        by_layer.setdefault(layer, []).append((layer, head))
     done = parts.done()
     for index, item in enumerate(items):
-        todo = [layer for layer in layers if _key(index, layer) not in done]
+        todo = [layer for layer in by_layer if _key(index, layer) not in done]
         if not todo:
             continue
         setup = prepare_score(vlm, item, max_new_tokens=max_new_tokens) if mode == "score" else None
         for layer in todo:
-            grid = [(layer, head) for head in heads]
+            heads = by_layer[layer]
             if setup is not None:
-                results = score_prompt(vlm, setup, grid, mode=intervention_mode, means=means, batch_size=batch_size)
+                results = score_prompt(vlm, setup, heads, mode=intervention_mode, means=means, batch_size=batch_size)
             else:
-                results = generate_prompt(vlm, item, grid, mode=intervention_mode, means=means,
+                results = generate_prompt(vlm, item, heads, mode=intervention_mode, means=means,
                                           batch_size=batch_size, max_new_tokens=max_new_tokens)
             frame = pd.DataFrame([
                 {"sample_id": item.sample_id, "item": index, "truth": item.truth, "claim": item.claim,
                  "layer": l, "head": h, "mode": mode, **res}
-                for (l, h), res in zip(grid, results)
+                for (l, h), res in zip(heads, results)
             ])
             if setup is not None:
                 frame["clean_reply"] = setup.clean_reply

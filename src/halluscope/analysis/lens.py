@@ -1,0 +1,215 @@
+"""Logit lens at the answer position: after every decoder layer, how high the true and the prompted answer
+rank, baseline and with the chosen heads ablated.
+
+Each layer's output is captured with a forward hook on the decoder layer and read out with the model's own
+final norm and `lm_head`. `output_hidden_states=True` is not used: its last entry is already final-normed
+(offline-models.md §3), so `lm_head(norm(hidden_states[-1]))` would normalise twice. With the hooks the last
+layer's lens equals the model's logits exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import pandas as pd
+import torch
+
+from halluscope.analysis.probabilities import RunPrompt, answer_setup, typed_values
+from halluscope.errors import InputError
+
+__all__ = ["layer_logits", "logit_lens", "summarize_lens", "lens_step"]
+
+_LENS_COLUMNS = ["sample_id", "condition", "truth", "claim", "contrast", "setting", "form", "layer",
+                 "p_truth", "rank_truth", "p_claim", "rank_claim"]
+
+
+def layer_logits(vlm, batch, positions: int | Sequence[int] = -1) -> torch.Tensor:
+    """Lens logits `[batch, layer, position, vocab]`: `lm_head(norm(layer output))` at `positions`, float32.
+
+    One forward without KV cache, under whatever interventions are active. The norm runs over the whole
+    layer output and `lm_head` over the chosen positions, the same computation as the model's own head, so
+    the last layer equals the model's logits at those positions bit for bit.
+
+    Args:
+        positions: position indices (negative counts from the end), shared by all rows.
+
+    Example:
+        >>> lens = layer_logits(vlm, batch)          # the last position
+        >>> lens[:, -1, 0].argmax(-1)                # the model's next token
+    """
+    index = [positions] if isinstance(positions, int) else list(positions)
+    if not index:
+        raise InputError("layer_logits() got no positions; pass e.g. positions=-1")
+    bad = [p for p in index if not -batch.seq_len <= p < batch.seq_len]
+    if bad:
+        raise InputError(f"positions {bad} fall outside the batch's {batch.seq_len} positions")
+    outputs: list[Any] = [None] * vlm.n_layers
+
+    def grab(layer: int):
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            outputs[layer] = vlm.lm_head(vlm.norm(hidden)[:, index]).float()
+        return hook
+
+    handles = [layer.register_forward_hook(grab(i)) for i, layer in enumerate(vlm.layers)]
+    try:
+        with torch.inference_mode():
+            vlm.forward(batch, use_cache=False, logits_to_keep=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack(outputs, dim=1)
+
+
+def _rank(logits: torch.Tensor, token: int) -> int:
+    """1 + the number of vocabulary entries scored strictly higher than `token`."""
+    return int((logits > logits[token]).sum()) + 1
+
+
+def logit_lens(vlm, prompts: Sequence[RunPrompt], heads=None, *, mode: str = "zero",
+               means: torch.Tensor | None = None, max_new_tokens: int = 50,
+               on_prompt: Callable[[], None] | None = None,
+               on_skip: Callable[[str, str], None] | None = None) -> pd.DataFrame:
+    """Per prompt, answer form and layer: probability and rank of the truth and the claim at the answer slot.
+
+    Both settings read the same teacher-forced context (the baseline reply up to its answer); the "ablated"
+    setting (only when `heads` is given) runs it with the heads knocked out ("zero") or mean-replaced ("mean").
+
+    Returns:
+        One row per (sample_id, setting, form, layer): `sample_id, condition, truth, claim, contrast, setting,
+        form, layer, p_truth, rank_truth, p_claim, rank_claim`; the claim columns are NaN for base and control
+        prompts (see `halluscope.analysis.probabilities` for the contrast). Rank 1 is the top token.
+
+    Raises:
+        InputError: an unknown mode or heads outside the model.
+
+    Example:
+        >>> logit_lens(vlm, prompts, heads={(1, 2)}).query("setting == 'ablated'")
+    """
+    from halluscope.interventions.heads import HeadIntervention, intervene
+
+    if mode not in ("zero", "mean"):
+        raise InputError(f"the logit lens ablates with mode 'zero' or 'mean', got {mode!r}")
+    settings: list[tuple[str, Any]] = [("baseline", None)]
+    if heads:
+        iv = HeadIntervention(frozenset(heads), mode=mode, alpha=0.0)
+        iv.check(vlm.n_layers, vlm.n_heads)
+        settings.append(("ablated", iv))
+    rows: list[dict[str, Any]] = []
+    for prompt in prompts:
+        try:
+            setup = answer_setup(vlm, prompt, max_new_tokens=max_new_tokens)
+        except InputError as exc:
+            if on_skip is not None:
+                on_skip(prompt.sample_id, str(exc))
+            if on_prompt is not None:
+                on_prompt()
+            continue
+        for batch, forms in setup.groups:
+            for setting, iv in settings:
+                with nullcontext() if iv is None else intervene(vlm, iv, means=means):
+                    lens = layer_logits(vlm, batch)[0, :, 0]  # [layer, vocab]
+                probs = lens.softmax(-1)
+                for form, (truth_id, claim_id) in forms.items():
+                    for layer in range(lens.shape[0]):
+                        rows.append({
+                            "sample_id": prompt.sample_id, "condition": prompt.condition, "truth": prompt.truth,
+                            "claim": prompt.claim, "contrast": prompt.contrast, "setting": setting, "form": form,
+                            "layer": layer, "p_truth": float(probs[layer, truth_id]),
+                            "rank_truth": _rank(lens[layer], truth_id),
+                            "p_claim": float(probs[layer, claim_id]) if prompt.misleading else float("nan"),
+                            "rank_claim": _rank(lens[layer], claim_id) if prompt.misleading else float("nan"),
+                        })
+        if on_prompt is not None:
+            on_prompt()
+    frame = typed_values(pd.DataFrame(rows, columns=_LENS_COLUMNS))
+    frame["rank_truth"] = frame["rank_truth"].astype("Int64")
+    frame["rank_claim"] = pd.array([None if pd.isna(v) else int(v) for v in frame["rank_claim"]], dtype="Int64")
+    return frame
+
+
+def summarize_lens(table: pd.DataFrame) -> pd.DataFrame:
+    """Per (setting, form, layer, kind): mean probability and median rank of truth and claim, with `n` rows.
+
+    `kind` pools the conditions: "misleading" or "truthful" (base and control).
+
+    Raises:
+        InputError: `table` lacks the columns of `logit_lens`.
+    """
+    missing = [c for c in _LENS_COLUMNS if c not in table.columns]
+    if missing:
+        raise InputError(f"lens table lacks columns {missing}; pass the output of logit_lens()")
+    kind = table["condition"].map(lambda c: "truthful" if c in ("base", "control") else "misleading")
+    frame = table.assign(kind=kind)
+    for column in ("rank_truth", "rank_claim"):
+        frame[column] = frame[column].astype("float64")
+    grouped = frame.groupby(["kind", "setting", "form", "layer"], sort=True, observed=True)
+    out = grouped.agg(n=("p_truth", "size"), p_truth=("p_truth", "mean"), p_claim=("p_claim", "mean"),
+                      median_rank_truth=("rank_truth", "median"), median_rank_claim=("rank_claim", "median"))
+    return out.reset_index()
+
+
+def lens_step(run_dir, *, heads: str | None = None, intervention: str = "zero", conditions=None,
+              limit: int | None = None, max_new_tokens: int | None = None, force: bool = False, vlm=None,
+              progress=None, warn: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """`halluscope lens`: the logit lens at the answer position of a run's prompts (and with `heads` ablated).
+
+    Writes lens.parquet (`logit_lens`) and plots/lens_<form>.png. Resumes from finished shards under
+    RUN/parts/lens/.
+
+    Args:
+        run_dir: an eval run.
+        heads: optional set name ("best3") or "L0H3,L11H15" for the ablated setting.
+        intervention: "zero" or "mean" (needs `halluscope means`).
+        conditions, limit: which prompts (default all).
+        max_new_tokens: reply budget for placing the answer (default: the eval run's).
+        vlm: the run's model if already loaded; progress: a `halluscope.steps.Progress`; warn: gets one line per
+            skipped prompt.
+
+    Returns:
+        {"heads", "prompts", "rows", "skipped"}.
+
+    Raises:
+        RunError: no run, no baseline table, or every prompt skipped. InputError: bad heads or conditions.
+
+    Example:
+        >>> lens_step("runs/count", heads="best3")
+    """
+    from halluscope.analysis.probabilities import (SHARD_SIZE, compute_in_shards, missing_prompts,
+                                                   parse_conditions, prompts_of_run, reply_budget,
+                                                   resolve_run_heads, skip_reporter)
+    from halluscope.errors import RunError
+    from halluscope.interventions.heads import format_heads
+    from halluscope.plots_analysis import plot_lens
+    from halluscope.runs import Run
+    from halluscope.steps import load_means, no_progress, run_model
+
+    run = Run.open(run_dir)
+    baseline = run.read_table("baseline", hint="eval")
+    head_set = resolve_run_heads(run, heads) if heads else frozenset()
+    prompts = prompts_of_run(run, baseline, conditions=conditions, limit=limit)
+    budget = reply_budget(run, max_new_tokens)
+    run.begin_step("lens", {"heads": format_heads(head_set) or None, "spec": heads, "intervention": intervention,
+                            "conditions": parse_conditions(conditions), "limit": limit, "max_new_tokens": budget,
+                            "shard_size": SHARD_SIZE}, force=force)
+    vlm = run_model(run, vlm)
+    means = load_means(run, intervention) if head_set else None
+    on_skip = skip_reporter(warn, [])
+    table = compute_in_shards(
+        run, "lens", prompts, progress=progress or no_progress, description="lens",
+        compute=lambda chunk, advance: logit_lens(vlm, chunk, head_set, mode=intervention, means=means,
+                                                  max_new_tokens=budget, on_prompt=advance, on_skip=on_skip))
+    if table.empty:
+        raise RunError(f"no prompt of {run.path} could be scored (all skipped); see the skip messages")
+    run.write_table("lens", table)
+    summary = summarize_lens(table)
+    label = f", {format_heads(head_set)} ablated dashed" if head_set else ""
+    for form in sorted(set(summary["form"])):
+        plot_lens(summary, run.plots_dir / f"lens_{form}.png", form=form,
+                  title=f"logit lens at the answer position ({form} form{label})")
+    result = {"heads": format_heads(head_set) or None, "prompts": int(table["sample_id"].nunique()),
+              "rows": len(table), "skipped": missing_prompts(prompts, table)}
+    run.finish_step("lens", result)
+    return result
