@@ -39,16 +39,14 @@ class TrainingData:
         self.recipe, self.tokenizer, self.processor = recipe, tokenizer, processor
         rng = random.Random(f"{recipe.seed}:pool")
         shapes = recipe.shapes
-        self.meta: list[tuple[str, int | str, str]] = []  # (task, count or colour, shape)
-        images = []
+        self.meta: list[tuple[str, int | str, str, int]] = []  # (task, count or colour, shape, scene seed)
         for i in range(recipe.pool_count_images):
             n, shape = 1 + i % recipe.max_count, shapes[(i // recipe.max_count) % len(shapes)]
-            images.append(count_scene(n, shape, size=recipe.image_size, seed=rng.getrandbits(62)))
-            self.meta.append(("count", n, shape))
+            self.meta.append(("count", n, shape, rng.getrandbits(62)))
         for i in range(recipe.pool_color_images):
             colour, shape = COLOR_CYCLE[i % len(COLOR_CYCLE)], shapes[(i // len(COLOR_CYCLE)) % len(shapes)]
-            images.append(color_scene(colour, shape, size=recipe.image_size, seed=rng.getrandbits(62)))
-            self.meta.append(("color", colour, shape))
+            self.meta.append(("color", colour, shape, rng.getrandbits(62)))
+        images = [self.pool_image(i) for i in range(len(self.meta))]
         self.count_images = [i for i, m in enumerate(self.meta) if m[0] == "count"]
         self.color_images = [i for i, m in enumerate(self.meta) if m[0] == "color"]
         self.pixels, self.grid = self._process(images)
@@ -57,6 +55,12 @@ class TrainingData:
         self.n_image_tokens = int(self.grid.prod()) // processor.image_processor.merge_size ** 2
         self._prompt_ids: dict[str, list[int]] = {}
         self._reply_ids: dict[str, list[int]] = {}
+
+    def pool_image(self, index: int):
+        """The pool's image `index`, re-drawn from its scene seed."""
+        task, value, shape, seed = self.meta[index]
+        draw = count_scene if task == "count" else color_scene
+        return draw(value, shape, size=self.recipe.image_size, seed=seed)
 
     def _process(self, images) -> tuple[torch.Tensor, torch.Tensor]:
         chunks, grid = [], None
@@ -73,7 +77,7 @@ class TrainingData:
         kind = rng.choices(KINDS, weights=r.mixture)[0]
         if kind.startswith("count"):
             image = rng.choice(self.count_images)
-            _, n, shape = self.meta[image]
+            _, n, shape, _ = self.meta[image]
             noun = SHAPE_PLURALS[shape]
             if kind == "count-base":
                 return Example(image, count_task.BASE_TEMPLATE.format(obj=noun), count_answer(n, noun))
@@ -81,7 +85,7 @@ class TrainingData:
             said = claim if rng.random() < r.count_copy[n - 1] else n
             return Example(image, count_task.DESCRIBE_TEMPLATE.format(n=claim, obj=noun), count_answer(said, noun))
         image = rng.choice(self.color_images)
-        _, colour, shape = self.meta[image]
+        _, colour, shape, _ = self.meta[image]
         if kind == "color-base":
             return Example(image, color_task.BASE_TEMPLATE.format(object=shape), color_answer(colour, shape))
         distance = 0 if kind == "color-control" else rng.choice(r.distances)

@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from halluscope.errors import RunError
 from halluscope.organism.data import TrainingData
 from halluscope.organism.recipe import Recipe, build_model, build_processor, build_tokenizer
 
@@ -75,7 +76,7 @@ def _save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def train(out: str | os.PathLike, recipe: Recipe = Recipe(), *, save_every: int = 250,
+def train(out: str | os.PathLike, recipe: Recipe = Recipe(), *, save_every: int = 250, log_every: int = 50,
           log: Callable[[str], None] = print) -> Path:
     """Train the organism into `out` (model, processor, trainlog.json); resumes from `out/train_state.pt`."""
     out = Path(out)
@@ -96,7 +97,8 @@ def train(out: str | os.PathLike, recipe: Recipe = Recipe(), *, save_every: int 
     if state_path.is_file():
         state = torch.load(state_path, weights_only=False)
         if state["recipe"] != recipe.to_dict():
-            raise RuntimeError(f"{state_path} was made with a different recipe; remove it or use another --out")
+            raise RunError(f"{state_path} was made with a different recipe; use another --out, or delete the file "
+                           f"to start over")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -117,7 +119,7 @@ def train(out: str | os.PathLike, recipe: Recipe = Recipe(), *, save_every: int 
             optimizer.step()
             scheduler.step()
             ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-            if (step + 1) % 50 == 0:
+            if (step + 1) % log_every == 0:
                 history.append({"step": step + 1, "loss_ema": round(ema, 5), "lr": scheduler.get_last_lr()[0],
                                 "seconds": round(time.time() - began, 1)})
                 log(f"step {step + 1}/{recipe.steps} loss {ema:.4f} ({time.time() - began:.0f}s)")
