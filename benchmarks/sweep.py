@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=2, help="misleading counting prompts to sweep")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=64, help="knockouts per forward in the engine")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     transformers.utils.logging.set_verbosity_error()
@@ -96,8 +97,10 @@ def main() -> None:
     timings, results = {}, {}
     for name, run in (
         ("reference", lambda it: reference_loop(vlm, it, grid, args.max_new_tokens)),
-        ("score", lambda it: [r["outcome"] for r in score_prompt(vlm, prepare_score(vlm, it, max_new_tokens=args.max_new_tokens), grid)]),
-        ("generate", lambda it: [r["outcome"] for r in generate_prompt(vlm, it, grid, max_new_tokens=args.max_new_tokens)]),
+        ("score", lambda it: [r["outcome"] for r in score_prompt(
+            vlm, prepare_score(vlm, it, max_new_tokens=args.max_new_tokens), grid, batch_size=args.batch_size)]),
+        ("generate", lambda it: [r["outcome"] for r in generate_prompt(
+            vlm, it, grid, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)]),
     ):
         start = time.perf_counter()
         results[name] = [run(item) for item in items]

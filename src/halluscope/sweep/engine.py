@@ -17,8 +17,9 @@ For one prompt and a grid of (layer, head) knockouts the engine gives the same a
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from num2words import num2words
@@ -354,8 +355,42 @@ def generate_prompt(vlm, item: SweepItem, heads: Sequence[tuple[int, int]], *, m
     return results
 
 
+def _repeat(output: Any, rows: int) -> Any:
+    """A vision-tower output for `rows` copies of its one image (tensors concatenated along dim 0)."""
+    if isinstance(output, torch.Tensor):
+        return torch.cat([output] * rows)
+    if isinstance(output, dict):  # ModelOutput and plain dicts
+        return type(output)(**{k: _repeat(v, rows) for k, v in output.items()})
+    if isinstance(output, (tuple, list)):
+        return type(output)(_repeat(v, rows) for v in output)
+    return output
+
+
+@contextmanager
+def _vision_capture(vlm) -> Iterator[list]:
+    """Record the vision tower's output of the forwards in the body (knockouts never change it)."""
+    seen: list = []  # copies: some callers edit the returned output object in place (Qwen splits pooler_output)
+    handle = vlm.vision_tower.register_forward_hook(lambda module, args, output: seen.append(_repeat(output, 1)))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def _vision_repeated(vlm, output: Any, rows: int) -> Iterator[None]:
+    """Serve `output` repeated for `rows` images instead of running the vision tower again."""
+    tower = vlm.vision_tower
+    tower.forward = lambda *args, **kwargs: _repeat(output, rows)
+    try:
+        yield
+    finally:
+        del tower.forward
+
+
 def _verify_then_decode(vlm, item, batch, heads, mode, alpha, means, batch_size, max_new_tokens) -> list[list[int]]:
-    clean, ender = _greedy(vlm, batch, max_new_tokens, item.decided)[0]
+    with _vision_capture(vlm) as vision:
+        clean, ender = _greedy(vlm, batch, max_new_tokens, item.decided)[0]
     enders = _enders(vlm)
     sequence = clean + ([ender] if ender is not None else [])  # the tokens each knockout must reproduce
     replies: list[list[int] | None] = [None] * len(heads)
@@ -389,14 +424,18 @@ def _verify_then_decode(vlm, item, batch, heads, mode, alpha, means, batch_size,
                         pending.append((index, forced))
     if pending:
         decoded = _decode(vlm, item, batch, [heads[i] for i, _ in pending], [f for _, f in pending], mode, alpha,
-                          means, batch_size, max_new_tokens)
+                          means, batch_size, max_new_tokens, vision=vision[0] if len(vision) == 1 else None)
         for (index, _), ids in zip(pending, decoded):
             replies[index] = ids
     return replies  # type: ignore[return-value]
 
 
-def _decode(vlm, item, batch, heads, forced, mode, alpha, means, batch_size, max_new_tokens) -> list[list[int]]:
-    """Greedy replies for knockouts `heads`, row r continuing from its forced reply tokens `forced[r]`."""
+def _decode(vlm, item, batch, heads, forced, mode, alpha, means, batch_size, max_new_tokens,
+            vision: Any = None) -> list[list[int]]:
+    """Greedy replies for knockouts `heads`, row r continuing from its forced reply tokens `forced[r]`.
+
+    With `vision` (the tower's output for the prompt's image) the vision tower is not run again.
+    """
     out: list[list[int]] = []
     pad = vlm.model.generation_config.pad_token_id
     with HeadHooks(vlm, means=means) as hooks:
@@ -404,7 +443,9 @@ def _decode(vlm, item, batch, heads, forced, mode, alpha, means, batch_size, max
             rows, starts = _with_replies(batch, forced[start:start + batch_size], pad)
             hooks.set(_coefficients(vlm, heads[start:start + batch_size], alpha), mode=mode,
                       row_mask=rows.attention_mask)
-            out.extend(ids for ids, _ in _greedy(vlm, rows, max_new_tokens, item.decided, starts))
+            served = nullcontext() if vision is None else _vision_repeated(vlm, vision, len(rows))
+            with served:
+                out.extend(ids for ids, _ in _greedy(vlm, rows, max_new_tokens, item.decided, starts))
     return out
 
 
