@@ -12,7 +12,7 @@ and the full layer x head grid, it times
 checks that generate mode gives the reference loop's outcomes exactly (and reports score-mode agreement), and
 prints heads per second for each and their ratio, ending with `speedup score=<x>x generate=<y>x`.
 
-    python benchmarks/sweep.py [--prompts 2] [--threads 2]
+    python benchmarks/sweep.py [--prompts 2] [--threads 2] [--model 70m|organism]
 """
 
 from __future__ import annotations
@@ -76,6 +76,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=64, help="knockouts per forward in the engine")
+    parser.add_argument("--model", default="70m", help="'70m' (the random 70M checkpoint, built here) or any "
+                        "load_vlm name, e.g. 'organism' (trained: its replies state the answer early)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     transformers.utils.logging.set_verbosity_error()
@@ -85,10 +87,15 @@ def main() -> None:
     from halluscope.sweep.engine import SweepItem, generate_prompt, prepare_score, score_prompt
     from halluscope.tasks.counting import synthetic_counting
 
-    with tempfile.TemporaryDirectory() as tmp:
-        vlm = load_vlm(build_checkpoint(Path(tmp)))
+    if args.model == "70m":
+        with tempfile.TemporaryDirectory() as tmp:
+            vlm = load_vlm(build_checkpoint(Path(tmp)))
+        size = 224
+    else:
+        vlm, size = load_vlm(args.model), 112
     n_params = sum(p.numel() for p in vlm.model.parameters())
-    samples = [s for s in synthetic_counting(args.prompts, seed=7, offsets=(3,)) if s.kind == "misleading"]
+    samples = [s for s in synthetic_counting(args.prompts, seed=7, offsets=(3,), size=size, min_count=5)
+               if s.kind == "misleading"]
     items = [SweepItem(s.id, s.image, s.prompt, s.truth, s.claim) for s in samples]
     grid = [(l, h) for l in range(vlm.n_layers) for h in range(vlm.n_heads)]
     print(f"model: {n_params / 1e6:.1f}M parameters, {vlm.n_layers} layers x {vlm.n_heads} heads; "
