@@ -293,6 +293,7 @@ def _write_card(out: Path, recipe, seconds, command: str) -> None:
 # ---- demo -----------------------------------------------------------------------------------------------
 @app.command("demo")
 def demo(out: Path = typer.Option(Path("runs/demo"), "--out", help="Run directory to write."),
+         n: int = typer.Option(36, "--n", help="Synthetic images (4 misleading offsets + base + control each)."),
          force: bool = typer.Option(False, "--force", help="Overwrite a different run in --out.")) -> None:
     """The whole PIH pipeline on the built-in organism: eval, sweep, rank, confirm, ablate, attention, probs,
     and report.md. Offline, a few minutes on a laptop CPU; rerunning resumes.
@@ -302,7 +303,7 @@ def demo(out: Path = typer.Option(Path("runs/demo"), "--out", help="Run director
     from halluscope.demo import run_demo
     from halluscope.report import headline_lines
 
-    headline = run_demo(out, force=force, progress=progress_bar)
+    headline = run_demo(out, n=n, force=force, progress=progress_bar)
     Console().print(f"\n[bold]halluscope demo[/bold] ({out / 'report.md'})")
     for line in headline_lines(headline):
         Console().print(f"  {line}", highlight=False)
