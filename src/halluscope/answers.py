@@ -39,11 +39,12 @@ from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from numbers import Integral
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from halluscope.errors import InputError
 
 __all__ = [
+    "classify_reply",
     "AMBIGUOUS_COLOURS",
     "COLOURS",
     "COLOUR_VARIANTS",
@@ -689,3 +690,10 @@ def colour_outcome(
     if first == prompted:
         return first, "copied"
     return first, "other"
+
+
+def classify_reply(task: str, reply: str, truth: Any, claim: Any, obj: str | None = None) -> tuple[Any, str]:
+    """The parsed answer and outcome of a reply to a "count" or "color" prompt (truth may list several colours)."""
+    if task == "count":
+        return count_outcome(reply, truth, claim)
+    return colour_outcome(reply, truth, claim, obj)

@@ -12,7 +12,7 @@ from typing import Callable, Iterator, Sequence
 
 import pandas as pd
 
-from halluscope.answers import colour_outcome, count_outcome
+from halluscope.answers import classify_reply
 from halluscope.errors import InputError
 from halluscope.images import open_image
 from halluscope.tasks.sample import Sample
@@ -25,9 +25,8 @@ BASELINE_COLUMNS = ("sample_id", "image_id", "task", "condition", "object", "tru
 
 def classify(sample: Sample, reply: str) -> tuple[object, str]:
     """The parsed answer and outcome ("copied", "corrected", "other", "none", "negated") of a reply."""
-    if sample.task == "count":
-        return count_outcome(reply, sample.truth, sample.claim)
-    return colour_outcome(reply, (sample.truth, *sample.truth_aliases), sample.claim, sample.object)
+    truth = sample.truth if sample.task == "count" else (sample.truth, *sample.truth_aliases)
+    return classify_reply(sample.task, reply, truth, sample.claim, sample.object)
 
 
 def readable_samples(samples: Sequence[Sample]) -> tuple[list[Sample], list[tuple[str, str]]]:

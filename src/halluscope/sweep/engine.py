@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from num2words import num2words
 
-from halluscope.answers import colour_outcome, count_outcome, first_colour, parse_number
+from halluscope.answers import classify_reply, first_colour, parse_number
 from halluscope.errors import InputError
 from halluscope.interventions.heads import HeadHooks, HeadIntervention
 
@@ -48,9 +48,7 @@ class SweepItem:
 
     def classify(self, reply: str) -> tuple[Any, str]:
         """The parsed answer and outcome of a reply to this prompt."""
-        if self.task == "count":
-            return count_outcome(reply, self.truth, self.claim)
-        return colour_outcome(reply, self.truth, self.claim)
+        return classify_reply(self.task, reply, self.truth, self.claim)
 
     def decided(self, reply: str) -> bool:
         """True once the reply's answer can no longer change (see `answer_decided`)."""
