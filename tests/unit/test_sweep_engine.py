@@ -4,7 +4,6 @@ batching, prefix reuse and early stopping change nothing."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from halluscope.errors import HalluscopeError
 from halluscope.sweep.engine import (SweepItem, answer_decided, generate_prompt, naive_generate, naive_score,
