@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from halluscope.analysis.probabilities import RunPrompt, answer_setup, typed_values
+from halluscope.analysis.probabilities import RunPrompt, placed_prompts, typed_values
 from halluscope.errors import InputError
 
 __all__ = ["layer_logits", "logit_lens", "summarize_lens", "lens_step"]
@@ -98,15 +98,8 @@ def logit_lens(vlm, prompts: Sequence[RunPrompt], heads=None, *, mode: str = "ze
         iv.check(vlm.n_layers, vlm.n_heads)
         settings.append(("ablated", iv))
     rows: list[dict[str, Any]] = []
-    for prompt in prompts:
-        try:
-            setup = answer_setup(vlm, prompt, max_new_tokens=max_new_tokens)
-        except InputError as exc:
-            if on_skip is not None:
-                on_skip(prompt.sample_id, str(exc))
-            if on_prompt is not None:
-                on_prompt()
-            continue
+    for prompt, setup in placed_prompts(vlm, prompts, max_new_tokens=max_new_tokens, on_prompt=on_prompt,
+                                        on_skip=on_skip):
         for batch, forms in setup.groups:
             for setting, iv in settings:
                 with nullcontext() if iv is None else intervene(vlm, iv, means=means):
@@ -122,8 +115,6 @@ def logit_lens(vlm, prompts: Sequence[RunPrompt], heads=None, *, mode: str = "ze
                             "p_claim": float(probs[layer, claim_id]) if prompt.misleading else float("nan"),
                             "rank_claim": _rank(lens[layer], claim_id) if prompt.misleading else float("nan"),
                         })
-        if on_prompt is not None:
-            on_prompt()
     frame = typed_values(pd.DataFrame(rows, columns=_LENS_COLUMNS))
     frame["rank_truth"] = frame["rank_truth"].astype("Int64")
     frame["rank_claim"] = pd.array([None if pd.isna(v) else int(v) for v in frame["rank_claim"]], dtype="Int64")

@@ -18,7 +18,7 @@ and control `p_truth` are measured at the same token as in the nearest misleadin
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +33,7 @@ __all__ = [
     "RunPrompt",
     "run_prompts",
     "answer_setup",
+    "placed_prompts",
     "typed_values",
     "parse_alphas",
     "token_probabilities",
@@ -156,6 +157,25 @@ def answer_setup(vlm, prompt: RunPrompt, *, max_new_tokens: int = 50):
     return prepare_score(vlm, prompt.sweep_item(), max_new_tokens=max_new_tokens)
 
 
+def placed_prompts(vlm, prompts: Iterable[RunPrompt], *, max_new_tokens: int = 50,
+                   on_prompt: Callable[[], None] | None = None,
+                   on_skip: Callable[[str, str], None] | None = None) -> Iterator[tuple[RunPrompt, Any]]:
+    """Each prompt with its `answer_setup`; prompts whose answer cannot be placed go to `on_skip` instead.
+
+    `on_prompt` is called once per prompt, after the caller has handled it (progress).
+    """
+    for prompt in prompts:
+        try:
+            setup = answer_setup(vlm, prompt, max_new_tokens=max_new_tokens)
+        except InputError as exc:
+            if on_skip is not None:
+                on_skip(prompt.sample_id, str(exc))
+        else:
+            yield prompt, setup
+        if on_prompt is not None:
+            on_prompt()
+
+
 def typed_values(frame: pd.DataFrame, columns: Sequence[str] = ("truth", "claim", "contrast")) -> pd.DataFrame:
     """Truth/claim-like columns as nullable Int64 when they hold counts, else as text (None stays null)."""
     for column in columns:
@@ -216,15 +236,8 @@ def token_probabilities(vlm, prompts: Sequence[RunPrompt], heads, alphas: Sequen
         raise InputError("no alphas given; pass e.g. alphas=(0, 0.5, 1)")
     HeadIntervention(frozenset(heads), mode=mode).check(vlm.n_layers, vlm.n_heads)
     rows: list[dict[str, Any]] = []
-    for prompt in prompts:
-        try:
-            setup = answer_setup(vlm, prompt, max_new_tokens=max_new_tokens)
-        except InputError as exc:
-            if on_skip is not None:
-                on_skip(prompt.sample_id, str(exc))
-            if on_prompt is not None:
-                on_prompt()
-            continue
+    for prompt, setup in placed_prompts(vlm, prompts, max_new_tokens=max_new_tokens, on_prompt=on_prompt,
+                                        on_skip=on_skip):
         for alpha in alphas:
             iv = HeadIntervention(frozenset(heads), mode=mode, alpha=alpha)
             for batch, forms in setup.groups:
@@ -237,8 +250,6 @@ def token_probabilities(vlm, prompts: Sequence[RunPrompt], heads, alphas: Sequen
                                  "truth": prompt.truth, "claim": prompt.claim, "contrast": prompt.contrast,
                                  "alpha": alpha, "form": form, "p_truth": float(probs[truth_id]),
                                  "p_claim": float(probs[claim_id]) if prompt.misleading else float("nan")})
-        if on_prompt is not None:
-            on_prompt()
     return typed_values(pd.DataFrame(rows, columns=_PROB_COLUMNS))
 
 
