@@ -168,30 +168,20 @@ def lens_step(run_dir, *, heads: str | None = None, intervention: str = "zero", 
     Example:
         >>> lens_step("runs/count", heads="best3")
     """
-    from halluscope.analysis.probabilities import (SHARD_SIZE, compute_in_shards, missing_prompts,
-                                                   parse_conditions, prompts_of_run, reply_budget,
-                                                   resolve_run_heads, skip_reporter)
+    from halluscope.analysis.probabilities import compute_in_shards, missing_prompts, open_analysis, skip_reporter
     from halluscope.errors import RunError
     from halluscope.interventions.heads import format_heads
     from halluscope.plots_analysis import plot_lens
-    from halluscope.runs import Run
-    from halluscope.steps import load_means, no_progress, run_model
+    from halluscope.steps import no_progress
 
-    run = Run.open(run_dir)
-    baseline = run.read_table("baseline", hint="eval")
-    head_set = resolve_run_heads(run, heads) if heads else frozenset()
-    prompts = prompts_of_run(run, baseline, conditions=conditions, limit=limit)
-    budget = reply_budget(run, max_new_tokens)
-    run.begin_step("lens", {"heads": format_heads(head_set) or None, "spec": heads, "intervention": intervention,
-                            "conditions": parse_conditions(conditions), "limit": limit, "max_new_tokens": budget,
-                            "shard_size": SHARD_SIZE}, force=force)
-    vlm = run_model(run, vlm)
-    means = load_means(run, intervention) if head_set else None
+    a = open_analysis(run_dir, "lens", heads=heads, intervention=intervention, conditions=conditions, limit=limit,
+                      max_new_tokens=max_new_tokens, force=force, vlm=vlm, optional_heads=True)
+    run, head_set, prompts, vlm = a.run, a.head_set, a.prompts, a.vlm
     on_skip = skip_reporter(warn, [])
     table = compute_in_shards(
         run, "lens", prompts, progress=progress or no_progress, description="lens",
-        compute=lambda chunk, advance: logit_lens(vlm, chunk, head_set, mode=intervention, means=means,
-                                                  max_new_tokens=budget, on_prompt=advance, on_skip=on_skip))
+        compute=lambda chunk, advance: logit_lens(vlm, chunk, head_set, mode=intervention, means=a.means,
+                                                  max_new_tokens=a.budget, on_prompt=advance, on_skip=on_skip))
     if table.empty:
         raise RunError(f"no prompt of {run.path} could be scored (all skipped); see the skip messages")
     run.write_table("lens", table)

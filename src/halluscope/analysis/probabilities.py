@@ -317,6 +317,41 @@ def reply_budget(run, given: int | None) -> int:
     return int((eval_step.get("arguments") or {}).get("max_new_tokens") or 50)
 
 
+@dataclass
+class AnalysisRun:
+    """What every analysis step starts from: the run, the head set, the prompts, the model and its means."""
+
+    run: Any
+    head_set: frozenset
+    prompts: list
+    budget: int
+    vlm: Any
+    means: Any
+
+
+def open_analysis(run_dir, step: str, *, heads: str | None, intervention: str, conditions, limit: int | None,
+                  max_new_tokens: int | None, force: bool, vlm=None, optional_heads: bool = False,
+                  **arguments: Any) -> AnalysisRun:
+    """Open an eval run for an analysis step: resolve heads and prompts, record the step, load the model.
+
+    With `optional_heads`, no heads means a baseline-only analysis.
+    """
+    from halluscope.interventions.heads import format_heads
+    from halluscope.runs import Run
+    from halluscope.steps import load_means, run_model
+
+    run = Run.open(run_dir)
+    baseline = run.read_table("baseline", hint="eval")
+    head_set = resolve_run_heads(run, heads) if heads or not optional_heads else frozenset()
+    prompts = prompts_of_run(run, baseline, conditions=conditions, limit=limit)
+    budget = reply_budget(run, max_new_tokens)
+    run.begin_step(step, {"heads": format_heads(head_set) or None, "spec": heads, **arguments,
+                          "intervention": intervention, "conditions": parse_conditions(conditions), "limit": limit,
+                          "max_new_tokens": budget, "shard_size": SHARD_SIZE}, force=force)
+    vlm = run_model(run, vlm)
+    return AnalysisRun(run, head_set, prompts, budget, vlm, load_means(run, intervention) if head_set else None)
+
+
 def compute_in_shards(run, step: str, prompts: Sequence[RunPrompt], compute, *, progress, description: str,
                       size: int = SHARD_SIZE) -> pd.DataFrame:
     """`compute(chunk, advance)` over shards of `size` prompts under RUN/parts/<step>/, skipping finished ones.
@@ -379,27 +414,19 @@ def probs_step(run_dir, *, heads: str, alphas: str | Sequence[float] = (0, 0.25,
     from halluscope.errors import RunError
     from halluscope.interventions.heads import format_heads
     from halluscope.plots_analysis import plot_probability_shift
-    from halluscope.runs import Run
-    from halluscope.steps import load_means, no_progress, run_model
+    from halluscope.steps import no_progress
 
-    run = Run.open(run_dir)
-    baseline = run.read_table("baseline", hint="eval")
-    head_set = resolve_run_heads(run, heads)
     values = parse_alphas(alphas) if isinstance(alphas, str) else parse_alphas(",".join(map(str, alphas)))
-    prompts = prompts_of_run(run, baseline, conditions=conditions, limit=limit)
-    budget = reply_budget(run, max_new_tokens)
-    run.begin_step("probs", {"heads": format_heads(head_set), "spec": heads, "alphas": values,
-                             "intervention": intervention, "conditions": parse_conditions(conditions),
-                             "limit": limit, "max_new_tokens": budget, "shard_size": SHARD_SIZE}, force=force)
-    vlm = run_model(run, vlm)
-    means = load_means(run, intervention)
+    a = open_analysis(run_dir, "probs", heads=heads, intervention=intervention, conditions=conditions, limit=limit,
+                      max_new_tokens=max_new_tokens, force=force, vlm=vlm, alphas=values)
+    run, head_set, prompts = a.run, a.head_set, a.prompts
     skipped: list[dict[str, str]] = []
     on_skip = skip_reporter(warn, skipped)
     table = compute_in_shards(
         run, "probs", prompts, progress=progress or no_progress, description=f"probs {format_heads(head_set)}",
-        compute=lambda chunk, advance: token_probabilities(vlm, chunk, head_set, values, mode=intervention,
-                                                           means=means, max_new_tokens=budget, on_prompt=advance,
-                                                           on_skip=on_skip))
+        compute=lambda chunk, advance: token_probabilities(a.vlm, chunk, head_set, values, mode=intervention,
+                                                           means=a.means, max_new_tokens=a.budget,
+                                                           on_prompt=advance, on_skip=on_skip))
     if table.empty:
         raise RunError(f"no prompt of {run.path} could be scored ({len(skipped)} skipped); see the skip messages")
     run.write_table("probs", table)
