@@ -20,7 +20,7 @@ from halluscope.tasks.sample import Sample
 __all__ = ["BASELINE_COLUMNS", "evaluate", "iter_evaluate", "classify", "readable_samples", "vlm_object_namer"]
 
 BASELINE_COLUMNS = ("sample_id", "image_id", "task", "condition", "object", "truth", "claim", "prompt", "reply",
-                    "answer", "outcome")
+                    "answer", "outcome", "reply_ids")
 
 
 def classify(sample: Sample, reply: str) -> tuple[object, str]:
@@ -69,14 +69,14 @@ def iter_evaluate(vlm, samples: Sequence[Sample], *, batch_size: int = 8, max_ne
         edit = nullcontext() if intervention is None else intervene(vlm, intervention, means=means,
                                                                       row_mask=batch.attention_mask)
         with edit:
-            replies = vlm.generate(batch, max_new_tokens=max_new_tokens)
+            ids = vlm.generate_ids(batch, max_new_tokens=max_new_tokens)
         rows = []
-        for sample, reply in zip(chunk, replies):
+        for sample, reply, reply_ids in zip(chunk, vlm.decode(ids), vlm.reply_ids(ids)):
             answer, outcome = classify(sample, reply)
             rows.append({"sample_id": sample.id, "image_id": sample.image_id, "task": sample.task,
                          "condition": sample.condition, "object": sample.object, "truth": sample.truth,
                          "claim": sample.claim, "prompt": sample.prompt, "reply": reply, "answer": answer,
-                         "outcome": outcome})
+                         "outcome": outcome, "reply_ids": reply_ids})
         yield _frame(rows)
 
 

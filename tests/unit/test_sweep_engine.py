@@ -7,7 +7,7 @@ import pytest
 
 from halluscope.errors import HalluscopeError
 from halluscope.sweep.engine import (SweepItem, answer_decided, generate_prompt, naive_generate, naive_score,
-                                     prepare_score, score_prompt)
+                                     prepare_generate, prepare_score, score_prompt)
 from halluscope.sweep.runner import parse_range
 from halluscope.tasks.scenes import count_scene
 
@@ -41,6 +41,64 @@ def test_generate_mode_equals_naive_loop(vlm):
     heads = _grid(vlm)
     assert generate_prompt(vlm, item, heads, batch_size=3, max_new_tokens=10) == \
         naive_generate(vlm, item, heads, max_new_tokens=10)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])  # 3-D (M-RoPE) and plain position ids
+def test_generate_mode_verifies_late_divergence_and_decodes_from_the_cache(vlm, monkeypatch):
+    """Rows that agree with the clean reply's first tokens are verified on from their cache; rows that leave
+    it are decoded on from their cache, ragged batches included; every reply equals the naive loop's."""
+    import halluscope.sweep.engine as engine
+
+    seen = {"_verify_rest": 0, "_decode": 0}
+    for name in seen:
+        original = getattr(engine._Knockouts, name)
+
+        def spy(self, group, name=name, original=original):
+            seen[name] += len(group)
+            return original(self, group)
+        monkeypatch.setattr(engine._Knockouts, name, spy)
+    item, heads = _item(), _grid(vlm)
+    fast = generate_prompt(vlm, item, heads, mode="scale", alpha=0.8, batch_size=2, max_new_tokens=16)
+    assert fast == naive_generate(vlm, item, heads, mode="scale", alpha=0.8, max_new_tokens=16)
+    assert seen["_verify_rest"] > 0 and seen["_decode"] > 0
+
+
+def test_baseline_reply_ids_replace_the_clean_generation(tiny_dirs, monkeypatch):
+    """An item carrying its eval reply's token ids gets the same setups without generating again."""
+    import dataclasses
+
+    import halluscope.sweep.engine as engine
+    from halluscope.evaluation import evaluate
+    from halluscope.models import load_vlm
+    from halluscope.images import image_to_png_bytes
+    from halluscope.tasks.sample import Sample
+
+    vlm = load_vlm(tiny_dirs["qwen2_vl"])
+    item = _item()
+    sample = Sample(id="s0", image_id="0", image=image_to_png_bytes(item.image), object="circles", truth=4,
+                    claim=6, prompt=item.prompt, condition="+2", task="count")
+    reply_ids = evaluate(vlm, [sample], max_new_tokens=10)["reply_ids"].iloc[0]
+    assert vlm.tokenizer.decode(reply_ids, skip_special_tokens=True).strip() == \
+        evaluate(vlm, [sample], max_new_tokens=10)["reply"].iloc[0]
+    fresh_score = prepare_score(vlm, item, max_new_tokens=10)
+    fresh_generate = prepare_generate(vlm, item, max_new_tokens=10)
+    known = dataclasses.replace(item, reply_ids=tuple(reply_ids))
+    monkeypatch.setattr(engine, "_greedy", lambda *a, **k: pytest.fail("generated a clean reply again"))
+    assert prepare_score(vlm, known, max_new_tokens=10).clean_reply == fresh_score.clean_reply
+    assert prepare_generate(vlm, known, max_new_tokens=10).sequence == fresh_generate.sequence
+
+
+def test_last_layer_mlp_patch_restores_a_wrapped_forward(tiny_dirs):
+    """The last-positions MLP patch puts back an instance-level forward (as accelerate hooks install)."""
+    from halluscope.models import load_vlm
+    from halluscope.sweep.engine import _mlp_on_last
+
+    mlp = load_vlm(tiny_dirs["qwen2_vl"]).layers[-1].mlp
+    wrapped = mlp.forward
+    mlp.forward = wrapped  # an instance attribute now
+    with _mlp_on_last(type("Layer", (), {"mlp": mlp})(), 1):
+        assert mlp.forward is not wrapped
+    assert mlp.__dict__["forward"] is wrapped
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl"])

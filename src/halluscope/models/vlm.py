@@ -7,6 +7,7 @@ forwards and greedy generation, and gives named access to the modules interventi
 from __future__ import annotations
 
 import hashlib
+import functools
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -127,6 +128,11 @@ class VLM:
         return self.layers[layer].self_attn.o_proj
 
     @property
+    def text_model(self) -> nn.Module:
+        """The language model's decoder stack (embeddings, layers, final norm; no `lm_head`)."""
+        return self._get(self.family.layers.rsplit(".", 1)[0])
+
+    @property
     def norm(self) -> nn.Module:
         """The final norm applied before `lm_head`."""
         return self._get(self.family.norm)
@@ -203,6 +209,14 @@ class VLM:
             bos_token_id=own.bos_token_id,
         )
 
+    @functools.cached_property
+    def end_token_ids(self) -> frozenset[int]:
+        """Tokens that end a generated reply: EOS, and the pad token generate() writes after a row has ended."""
+        config = self.greedy_config(1)
+        eos = config.eos_token_id
+        ends = eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]
+        return frozenset([*ends, config.pad_token_id])
+
     @torch.inference_mode()
     def generate_ids(self, batch: Batch, max_new_tokens: int = 50) -> torch.Tensor:
         """Greedy continuation token ids, [batch, new_tokens] (rows that stopped early are padded)."""
@@ -210,6 +224,14 @@ class VLM:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         out = self.model.generate(**batch.inputs, generation_config=self.greedy_config(max_new_tokens))
         return out[:, batch.seq_len:]
+
+    def reply_ids(self, ids: torch.Tensor) -> list[list[int]]:
+        """Each row of generated ids through its first end token (the pads after it dropped)."""
+        rows = []
+        for row in ids.tolist():
+            end = next((i for i, token in enumerate(row) if token in self.end_token_ids), len(row) - 1)
+            rows.append(row[:end + 1])
+        return rows
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         """The reply text of each row of generated ids, special tokens removed."""

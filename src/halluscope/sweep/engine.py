@@ -8,28 +8,34 @@ For one prompt and a grid of (layer, head) knockouts the engine gives the same a
 - the clean residual stream entering layer L is captured once per prompt and reused for every head of layer L
   (a knockout in layer L cannot change anything below it), so only layers L..end are recomputed;
 - the knockouts of a layer run as the rows of one batch, each row carrying its own head mask;
-- generate mode first checks, for every head at once, whether the knockout changes the clean greedy reply at
-  all: one teacher-forced pass over the clean reply (layers L..end, prefix reused) gives each knockout's
-  greedy token at every reply position. Rows that agree to the end have the clean reply; only rows that
-  diverge are decoded further, batched, from their first differing token (greedy decoding is deterministic,
-  so this is exact). Every row stops as soon as its answer is decided.
+- generate mode treats the clean reply as a draft, as speculative decoding does: one teacher-forced pass over
+  it (layers L..end, prefix reused) gives every knockout's greedy token at every reply position. Rows that
+  agree to the end have the clean reply; a row that diverges keeps the key/value cache of the prompt and the
+  clean tokens it shares (layers below L from the clean pass, L..end from its own) and is decoded on from
+  its first differing token, batched with other diverged rows, with no second prefill. Greedy decoding is
+  deterministic, so this is exact. Every row stops as soon as its answer is decided.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from num2words import num2words
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from halluscope.answers import classify_reply, first_colour, parse_number
 from halluscope.errors import InputError
 from halluscope.interventions.heads import HeadHooks, HeadIntervention
 
-__all__ = ["SweepItem", "answer_decided", "score_prompt", "generate_prompt", "naive_score", "naive_generate",
-           "ScoreSetup", "prepare_score"]
+__all__ = ["SweepItem", "answer_decided", "ScoreSetup", "prepare_score", "score_prompt",
+           "GenerateSetup", "prepare_generate", "generate_prompt", "naive_score", "naive_generate"]
+
+
+Reply = tuple[list[int], "int | None"]  # reply token ids, and the EOS or pad token that ended it (None: cut off)
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,9 @@ class SweepItem:
     truth: int | str
     claim: int | str | None
     task: str = "count"
+    # the un-intervened greedy reply's token ids through its EOS, when known (e.g. from the eval run): the
+    # engine then reuses it instead of generating it again
+    reply_ids: tuple[int, ...] | None = None
 
     def classify(self, reply: str) -> tuple[Any, str]:
         """The parsed answer and outcome of a reply to this prompt."""
@@ -80,6 +89,17 @@ class ScoreSetup:
     clean_reply: str
     # one entry per distinct teacher-forced sequence: (batch, {form: (truth_id, claim_id)})
     groups: list[tuple[Any, dict[str, tuple[int, int]]]]
+    # each group's clean layer inputs, captured on first use and shared by every later call (e.g. per layer)
+    captured: list[Any] = field(default_factory=list, repr=False)
+
+    def layer_inputs(self, vlm) -> list["_LayerInputs"]:
+        """The clean layer inputs of every group, captured once."""
+        if not self.captured:
+            for batch, _ in self.groups:
+                inputs = _LayerInputs(vlm)
+                inputs.capture(batch)
+                self.captured.append(inputs)
+        return self.captured
 
 
 def _first_difference(a: list[int], b: list[int]) -> int:
@@ -114,7 +134,8 @@ def _append(batch, ids: list[int]):
 
 
 def prepare_score(vlm, item: SweepItem, *, max_new_tokens: int = 50) -> ScoreSetup:
-    """Generate the clean reply and build the teacher-forced inputs at which truth and claim are scored.
+    """The clean reply (see `SweepItem.reply_ids`) and the teacher-forced inputs at which truth and claim are
+    scored.
 
     For each answer form (digit, word) the scored position is the first sub-token where the truth's and the
     claim's spelling differ, after the clean reply's text that precedes its number.
@@ -123,7 +144,7 @@ def prepare_score(vlm, item: SweepItem, *, max_new_tokens: int = 50) -> ScoreSet
         raise InputError(f"{item.sample_id}: score mode needs a misleading prompt (claim != truth), got "
                          f"truth={item.truth} claim={item.claim}")
     batch = vlm.encode([(item.image, item.prompt)])
-    reply_ids = _greedy(vlm, batch, max_new_tokens, item.decided)[0][0]
+    reply_ids = _clean_reply(vlm, item, batch, max_new_tokens)[0]
     reply = vlm.tokenizer.decode(reply_ids, skip_special_tokens=True)
     start = _answer_start(vlm, reply_ids, item)
     if start is None:  # no number: score the reply's first token
@@ -190,45 +211,102 @@ def _merge(per_group: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 
 class _LayerInputs:
-    """Captures every decoder layer's input (hidden states and keyword arguments) during one clean forward."""
+    """Every decoder layer's input (hidden states and keyword arguments) and `o_proj` input during one clean
+    forward, and optionally the clean key/value cache and the position ids the text model saw."""
 
     def __init__(self, vlm) -> None:
         self.vlm = vlm
         self.inputs: list[tuple[tuple, dict]] = []
+        self.heads: list[torch.Tensor] = []  # per layer, the o_proj input: every head's output
+        self.cache: Any = None
+        self.position_ids: torch.Tensor | None = None
 
     @torch.inference_mode()
-    def capture(self, batch) -> torch.Tensor:
-        self.inputs = [None] * self.vlm.n_layers  # type: ignore[list-item]
+    def capture(self, batch, *, keep_cache: bool = False) -> None:
+        layers = range(self.vlm.n_layers)
+        self.inputs, self.heads = [None] * len(layers), [None] * len(layers)  # type: ignore[list-item]
 
         def grab(layer):
             def hook(module, args, kwargs):
                 self.inputs[layer] = (args, kwargs)
             return hook
 
-        handles = [l.register_forward_pre_hook(grab(i), with_kwargs=True) for i, l in enumerate(self.vlm.layers)]
+        def grab_heads(layer):
+            def hook(module, args):
+                self.heads[layer] = args[0]
+            return hook
+
+        def positions(module, args, kwargs):
+            self.position_ids = kwargs.get("position_ids")
+
+        handles = [self.vlm.layers[i].register_forward_pre_hook(grab(i), with_kwargs=True) for i in layers]
+        handles += [self.vlm.o_proj(i).register_forward_pre_hook(grab_heads(i)) for i in layers]
+        handles.append(self.vlm.text_model.register_forward_pre_hook(positions, with_kwargs=True))
         try:
-            out = self.vlm.forward(batch, use_cache=False, logits_to_keep=1)
+            out = self.vlm.forward(batch, use_cache=keep_cache, logits_to_keep=1)
         finally:
             for h in handles:
                 h.remove()
-        return out.logits[:, -1]
+        self.cache = out.past_key_values if keep_cache else None
 
     @torch.inference_mode()
-    def run_from(self, layer: int, rows: int, positions: int = 1) -> torch.Tensor:
-        """Logits at the last `positions` positions after running layers `layer`..end on `rows` copies of the
-        clean input: [rows, vocab] for one position, else [rows, positions, vocab]."""
+    def run_from(self, layer: int, rows: int, positions: int = 1, cache: Any = None) -> torch.Tensor:
+        """The final-normed hidden states [rows, positions, hidden] at the last `positions` positions after
+        running layers `layer`..end on `rows` copies of the clean input; `cache` records the keys and values
+        of the layers after `layer` (those of `layer` itself are the clean ones).
+
+        Layer `layer`'s attention is not recomputed: an edit at its o_proj input leaves everything before that
+        unchanged, so the clean head outputs go straight to o_proj (and the rows' edit hooks). The last layer's
+        MLP runs on the last `positions` positions only: nothing reads the others after it.
+        """
         args, kwargs = self.inputs[layer]
-        kwargs = dict(kwargs)
+        kwargs = dict(kwargs, past_key_values=cache)
         hidden = kwargs.pop("hidden_states") if "hidden_states" in kwargs else args[0]
         hidden = hidden.expand(rows, -1, -1)  # the other inputs have batch 1 and broadcast over the rows
-        for i in range(layer, self.vlm.n_layers):
-            hidden = self.vlm.layers[i](hidden, *args[1:], **kwargs)
-            if isinstance(hidden, tuple):
-                hidden = hidden[0]
-        last = hidden[:, -1] if positions == 1 else hidden[:, -positions:]
-        return self.vlm.lm_head(self.vlm.norm(last))
+        with _clean_attention(self.vlm, layer, self.heads[layer].expand(rows, -1, -1)), \
+                _mlp_on_last(self.vlm.layers[-1], positions):
+            for i in range(layer, self.vlm.n_layers):
+                hidden = self.vlm.layers[i](hidden, *args[1:], **kwargs)
+                if isinstance(hidden, tuple):
+                    hidden = hidden[0]
+        return self.vlm.norm(hidden[:, -positions:])
 
 
+@contextmanager
+def _patched_forward(module, forward: Callable) -> Iterator[None]:
+    """`module.forward` replaced by `forward` for the body of the `with` (an instance-level forward, such as an
+    accelerate hook's wrapper, is put back afterwards)."""
+    previous = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if previous is None:
+            del module.forward
+        else:
+            module.forward = previous
+
+
+def _clean_attention(vlm, layer: int, heads: torch.Tensor):
+    """Layer `layer`'s self-attention answering o_proj of the given head outputs, without recomputing them."""
+    attention = vlm.attention(layer)
+    return _patched_forward(attention, lambda *args, **kwargs: (attention.o_proj(heads), None))
+
+
+def _mlp_on_last(layer, positions: int):
+    """`layer`'s MLP computing the last `positions` positions only (zeros elsewhere)."""
+    mlp = layer.mlp
+    full = mlp.forward
+
+    def last_only(x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        out[:, -positions:] = full(x[:, -positions:])
+        return out
+
+    return _patched_forward(mlp, last_only)
+
+
+@torch.inference_mode()
 def score_prompt(vlm, setup: ScoreSetup, heads: Sequence[tuple[int, int]], *, mode: str = "zero",
                  alpha: float = 0.0, means: torch.Tensor | None = None,
                  batch_size: int = 16) -> list[dict[str, Any]]:
@@ -237,60 +315,43 @@ def score_prompt(vlm, setup: ScoreSetup, heads: Sequence[tuple[int, int]], *, mo
     for index, (layer, _) in enumerate(heads):
         by_layer.setdefault(layer, []).append(index)
     per_group: list[list[dict[str, Any]]] = []
+    captured = setup.layer_inputs(vlm)
     with HeadHooks(vlm, means=means) as hooks:
-        for batch, forms in setup.groups:
+        for (batch, forms), inputs in zip(setup.groups, captured):
             results: list[dict[str, Any]] = [{} for _ in heads]
-            cache = _LayerInputs(vlm)
-            hooks.clear()
-            cache.capture(batch)
             for layer, indices in by_layer.items():
                 for start in range(0, len(indices), batch_size):
                     chunk = indices[start:start + batch_size]
                     hooks.set(_coefficients(vlm, [heads[i] for i in chunk], alpha), mode=mode,
                               row_mask=batch.attention_mask.expand(len(chunk), -1))
-                    for idx, res in zip(chunk, _score_rows(cache.run_from(layer, len(chunk)), forms)):
+                    logits = vlm.lm_head(inputs.run_from(layer, len(chunk))[:, -1])
+                    for idx, res in zip(chunk, _score_rows(logits, forms)):
                         results[idx] = res
             per_group.append(results)
     return _merge(per_group)
 
 
 # ---- generate mode --------------------------------------------------------------------------------------
-def _enders(vlm) -> set[int]:
-    """Tokens that end a reply: EOS, and the pad token generate() writes after a row has finished."""
-    config = vlm.model.generation_config
-    eos = config.eos_token_id
-    return set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]) | {config.pad_token_id}
-
-
-def _greedy(vlm, batch, max_new_tokens: int, stop: Callable[[str], bool],
-            starts: Sequence[int] | None = None) -> list[tuple[list[int], int | None]]:
-    """Greedy replies that stop once `stop(reply)` holds, at EOS, or at `max_new_tokens` reply tokens.
-
-    A row's reply starts at `starts[row]` (default: after the prompt), so rows may carry forced reply tokens.
-    Returns per row (reply ids, the EOS or pad token that ended it or None).
-    """
+def _greedy(vlm, batch, max_new_tokens: int, stops: Sequence[Callable[[str], bool]]) -> list[Reply]:
+    """Greedy replies of a batch, row r stopping once `stops[r](reply)` holds, at EOS or at `max_new_tokens`."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
-    width = batch.seq_len
-    starts = list(starts) if starts is not None else [width] * len(batch)
-    tokenizer = vlm.tokenizer
+    width, tokenizer = batch.seq_len, vlm.tokenizer
 
     class Decided(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
-            done = [len(row) - s >= max_new_tokens or stop(tokenizer.decode(row[s:], skip_special_tokens=True))
-                    for row, s in zip(input_ids.tolist(), starts)]
+            done = [stop(tokenizer.decode(row[width:], skip_special_tokens=True))
+                    for row, stop in zip(input_ids.tolist(), stops)]
             return torch.tensor(done, device=input_ids.device)
 
-    budget = max_new_tokens - min(width - s for s in starts)
     with torch.inference_mode():
-        out = vlm.model.generate(**batch.inputs, generation_config=vlm.greedy_config(max(1, budget)),
+        out = vlm.model.generate(**batch.inputs, generation_config=vlm.greedy_config(max_new_tokens),
                                  stopping_criteria=StoppingCriteriaList([Decided()]))
-    enders = _enders(vlm)
     rows = []
-    for row, start in zip(out.tolist(), starts):
+    for row in out[:, width:].tolist():
         reply, ended = [], None
-        for token in row[start:][:max_new_tokens]:
-            if token in enders:
+        for token in row:
+            if token in vlm.end_token_ids:
                 ended = token
                 break
             reply.append(token)
@@ -298,34 +359,55 @@ def _greedy(vlm, batch, max_new_tokens: int, stop: Callable[[str], bool],
     return rows
 
 
-def _with_replies(batch, replies: Sequence[Sequence[int]], pad: int):
-    """An R-row batch of a one-row prompt batch, row r followed by `replies[r]`, left-padded.
+def _clean_reply(vlm, item: SweepItem, batch, max_new_tokens: int) -> Reply:
+    """The un-intervened greedy reply, stopped once decided: cut from `item.reply_ids` when they cover it,
+    else generated."""
+    if item.reply_ids is not None:
+        reply: list[int] = []
+        for token in item.reply_ids[:max_new_tokens]:
+            if token in vlm.end_token_ids:
+                return reply, token
+            reply.append(token)
+            if item.decided(vlm.tokenizer.decode(reply, skip_special_tokens=True)):
+                return reply, None
+        if len(reply) == max_new_tokens:
+            return reply, None
+    return _greedy(vlm, batch, max_new_tokens, [item.decided])[0]
 
-    Returns the batch and each row's reply start.
-    """
-    from halluscope.models.vlm import Batch
 
-    rows = len(replies)
-    width = batch.seq_len + max(len(r) for r in replies)
-    token_rows = {k: batch.inputs[k][0] for k in ("input_ids", "attention_mask", "mm_token_type_ids")
-                  if k in batch.inputs}
-    fills = {"input_ids": pad, "attention_mask": 0, "mm_token_type_ids": 0}
-    inputs = {k: torch.full((rows, width), fills[k], dtype=v.dtype, device=v.device) for k, v in token_rows.items()}
-    image_mask = torch.zeros(rows, width, dtype=torch.bool, device=batch.image_mask.device)
-    starts = []
-    for r, reply in enumerate(replies):
-        offset = width - batch.seq_len - len(reply)
-        extra = torch.tensor(list(reply), dtype=torch.long, device=batch.input_ids.device)
-        inputs["input_ids"][r, offset:] = torch.cat([token_rows["input_ids"], extra])
-        inputs["attention_mask"][r, offset:] = 1
-        if "mm_token_type_ids" in inputs:
-            inputs["mm_token_type_ids"][r, offset:offset + batch.seq_len] = token_rows["mm_token_type_ids"]
-        image_mask[r, offset:offset + batch.seq_len] = batch.image_mask[0]
-        starts.append(width - len(reply))
-    for key, value in batch.inputs.items():
-        if key not in inputs:  # image tensors: one copy per row (Qwen flattens patches along dim 0, so cat works)
-            inputs[key] = torch.cat([value] * rows)
-    return Batch(inputs, image_mask), starts
+@dataclass
+class GenerateSetup:
+    """A prompt prepared for generate mode: its clean greedy reply and one clean forward over the prompt and the
+    reply's first `checked` tokens (every layer's input, the key/value cache, the position ids)."""
+
+    item: SweepItem
+    prompt_len: int
+    clean: list[int]
+    sequence: list[int]  # the clean reply and the token that ended it: what a knockout must reproduce
+    inputs: _LayerInputs
+    checked: int  # reply tokens the first verification pass checks (most diverging knockouts do so early)
+
+    def positions(self, offsets: torch.Tensor) -> torch.Tensor:
+        """Position ids of sequence indices `prompt_len - 1 + offsets` [rows, n], in the model's format (text
+        positions count on from the prompt's last one; Qwen's 3-D ids have equal components there)."""
+        captured, last = self.inputs.position_ids, self.prompt_len - 1
+        if captured is None:
+            return offsets + last
+        return captured[..., last:last + 1] + offsets
+
+
+_FIRST_CHECK = 4
+
+
+def prepare_generate(vlm, item: SweepItem, *, max_new_tokens: int = 50) -> GenerateSetup:
+    """The clean reply (see `SweepItem.reply_ids`) and the clean forward over it."""
+    batch = vlm.encode([(item.image, item.prompt)])
+    ids, ender = _clean_reply(vlm, item, batch, max_new_tokens)
+    sequence = list(ids) + ([ender] if ender is not None else [])
+    checked = min(_FIRST_CHECK, len(sequence))
+    inputs = _LayerInputs(vlm)
+    inputs.capture(_append(batch, sequence[:checked - 1]), keep_cache=True)
+    return GenerateSetup(item, batch.seq_len, list(ids), sequence, inputs, checked)
 
 
 def _coefficients(vlm, heads: Sequence[tuple[int, int]], alpha: float) -> torch.Tensor:
@@ -335,16 +417,21 @@ def _coefficients(vlm, heads: Sequence[tuple[int, int]], alpha: float) -> torch.
     return coef
 
 
-def generate_prompt(vlm, item: SweepItem, heads: Sequence[tuple[int, int]], *, mode: str = "zero",
-                    alpha: float = 0.0, means: torch.Tensor | None = None, batch_size: int = 16,
-                    max_new_tokens: int = 50) -> list[dict[str, Any]]:
-    """Greedy replies with each knockout in `heads`, stopped once the answer is decided; one dict per head."""
-    batch = vlm.encode([(item.image, item.prompt)])
-    if mode == "reference-mean":  # its edit depends on which positions share a forward: decode step by step
-        replies = _decode(vlm, item, batch, list(heads), [[] for _ in heads], mode, alpha, means, batch_size,
-                          max_new_tokens)
+def generate_prompt(vlm, prompt: SweepItem | GenerateSetup, heads: Sequence[tuple[int, int]], *,
+                    mode: str = "zero", alpha: float = 0.0, means: torch.Tensor | None = None,
+                    batch_size: int = 16, max_new_tokens: int = 50) -> list[dict[str, Any]]:
+    """Greedy replies with each knockout in `heads`, stopped once the answer is decided; one dict per head.
+
+    `prompt` is an item, or a `prepare_generate` setup to share one clean reply across calls (e.g. per layer).
+    """
+    heads = list(heads)
+    item = prompt.item if isinstance(prompt, GenerateSetup) else prompt
+    if mode == "reference-mean":  # its edit depends on which positions share a forward: decode from scratch
+        replies = _decode_from_scratch(vlm, item, heads, alpha, batch_size, max_new_tokens)
     else:
-        replies = _verify_then_decode(vlm, item, batch, list(heads), mode, alpha, means, batch_size, max_new_tokens)
+        setup = prompt if isinstance(prompt, GenerateSetup) else prepare_generate(vlm, item,
+                                                                                 max_new_tokens=max_new_tokens)
+        replies = _verify_then_continue(vlm, setup, heads, mode, alpha, means, batch_size, max_new_tokens)
     results = []
     for ids in replies:
         reply = vlm.tokenizer.decode(ids, skip_special_tokens=True).strip()
@@ -353,98 +440,250 @@ def generate_prompt(vlm, item: SweepItem, heads: Sequence[tuple[int, int]], *, m
     return results
 
 
-def _repeat(output: Any, rows: int) -> Any:
-    """A vision-tower output for `rows` copies of its one image (tensors concatenated along dim 0)."""
-    if isinstance(output, torch.Tensor):
-        return torch.cat([output] * rows)
-    if isinstance(output, dict):  # ModelOutput and plain dicts
-        return type(output)(**{k: _repeat(v, rows) for k, v in output.items()})
-    if isinstance(output, (tuple, list)):
-        return type(output)(_repeat(v, rows) for v in output)
-    return output
+@dataclass
+class _Row:
+    """A knockout in flight: its index, head, reply so far, and its key/value cache over the prompt and the
+    reply tokens before the last one, one (keys [1, kv_heads, length, head_dim], values) per layer."""
+
+    index: int
+    head: tuple[int, int]
+    reply: list[int]
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
 
 
-@contextmanager
-def _vision_capture(vlm) -> Iterator[list]:
-    """Record the vision tower's output of the forwards in the body (knockouts never change it)."""
-    seen: list = []  # copies: some callers edit the returned output object in place (Qwen splits pooler_output)
-    handle = vlm.vision_tower.register_forward_hook(lambda module, args, output: seen.append(_repeat(output, 1)))
-    try:
-        yield seen
-    finally:
-        handle.remove()
+def _first_divergence(vlm, normed: torch.Tensor, target: torch.Tensor) -> list[tuple[int, int] | None]:
+    """Per row of final-normed hidden states [rows, S, hidden]: (position, greedy token) of the first greedy
+    token that differs from `target` [S], or None if all agree. Logits are computed only while a row agrees,
+    over position windows that double in size (most rows that diverge do so within a few tokens)."""
+    found: list[tuple[int, int] | None] = [None] * normed.shape[0]
+    active = torch.arange(normed.shape[0])
+    start, step = 0, 4
+    while start < normed.shape[1] and len(active):
+        predicted = vlm.lm_head(normed[active, start:start + step]).argmax(-1).cpu()
+        differs = predicted != target[start:start + step]
+        for hit, row in enumerate(active.tolist()):
+            if differs[hit].any():
+                j = int(differs[hit].nonzero()[0])
+                found[row] = (start + j, int(predicted[hit, j]))
+        active = active[~differs.any(-1)]
+        start, step = start + step, step * 2
+    return found
 
 
-@contextmanager
-def _vision_repeated(vlm, output: Any, rows: int) -> Iterator[None]:
-    """Serve `output` repeated for `rows` images instead of running the vision tower again."""
-    tower = vlm.vision_tower
-    tower.forward = lambda *args, **kwargs: _repeat(output, rows)
-    try:
-        yield
-    finally:
-        del tower.forward
+class _Knockouts:
+    """The state of one generate-mode call: finished replies, and rows waiting to be verified further
+    (`drafts`: they agree with the clean reply so far) or decoded (`pending`: they left it), each flushed in
+    batches."""
+
+    def __init__(self, vlm, setup: GenerateSetup, heads, hooks: HeadHooks, mode: str, alpha: float,
+                 batch_size: int, max_new_tokens: int) -> None:
+        self.vlm, self.setup, self.heads, self.hooks = vlm, setup, heads, hooks
+        self.mode, self.alpha, self.batch_size, self.max_new_tokens = mode, alpha, batch_size, max_new_tokens
+        self.replies: list[list[int] | None] = [None] * len(heads)
+        self.drafts: list[_Row] = []
+        self.pending: list[_Row] = []
+        self.enders = vlm.end_token_ids
+        self.target = torch.tensor(setup.sequence)
+
+    def diverged(self, index: int, j: int, token: int, kv: Callable[[int], list]) -> None:
+        """Row `index` agrees with the clean reply up to position j and picks `token` there; `kv(n)` gives its
+        cache over the first n positions."""
+        reply = self.setup.sequence[:j] + [token]
+        if token in self.enders:
+            self.replies[index] = reply[:-1]
+        elif len(reply) >= self.max_new_tokens or self.setup.item.decided(
+                self.vlm.tokenizer.decode(reply, skip_special_tokens=True)):
+            self.replies[index] = reply
+        else:
+            self.pending.append(_Row(index, self.heads[index], reply, kv(self.setup.prompt_len + j)))
+
+    def verify_first(self, layer: int, indices: list[int]) -> None:
+        """Teacher-force the prompt and the clean reply's first tokens through layers `layer`..end."""
+        setup = self.setup
+        self.hooks.set(_coefficients(self.vlm, [self.heads[i] for i in indices], self.alpha), mode=self.mode)
+        own = DynamicCache()
+        normed = setup.inputs.run_from(layer, len(indices), positions=setup.checked, cache=own)
+        clean_kv, own_kv = [(k, v) for k, v, *_ in setup.inputs.cache], [(k, v) for k, v, *_ in own]
+
+        def kv(row: int) -> Callable[[int], list]:
+            return lambda n: ([(k[:, :, :n], v[:, :, :n]) for k, v in clean_kv[:layer + 1]]
+                              + [(k[row:row + 1, :, :n], v[row:row + 1, :, :n]) for k, v in own_kv[layer + 1:]])
+
+        for row, (index, found) in enumerate(zip(indices, _first_divergence(self.vlm, normed,
+                                                                            self.target[:setup.checked]))):
+            if found is not None:
+                self.diverged(index, *found, kv(row))
+            elif setup.checked == len(setup.sequence):
+                self.replies[index] = list(setup.clean)
+            else:
+                self.drafts.append(_Row(index, self.heads[index], setup.sequence[:setup.checked],
+                                        kv(row)(setup.prompt_len + setup.checked - 1)))
+
+    def flush(self, everything: bool = False) -> None:
+        """Verify, then decode, the waiting rows in full batches (all of them if `everything`)."""
+        for queue, run in ((self.drafts, self._verify_rest), (self.pending, self._decode)):
+            while len(queue) >= self.batch_size or (everything and queue):
+                group = queue[:self.batch_size]
+                del queue[:self.batch_size]
+                run(group)
+
+    def _verify_rest(self, group: list[_Row]) -> None:
+        """Teacher-force the rest of the clean reply through the whole model from the rows' caches."""
+        setup, k = self.setup, self.setup.checked
+        rest = setup.sequence[k - 1:-1]
+        cache, mask, width = _pack(self.vlm, group, len(rest))
+        self.hooks.set(_coefficients(self.vlm, [e.head for e in group], self.alpha), mode=self.mode)
+        offsets = torch.arange(k, k + len(rest), device=mask.device).expand(len(group), -1)
+        ids = torch.tensor([rest], device=mask.device).expand(len(group), -1)
+        normed = self.vlm.text_model(input_ids=ids, attention_mask=torch.cat([mask, torch.ones_like(ids)], 1),
+                                     position_ids=setup.positions(offsets), past_key_values=cache,
+                                     use_cache=True).last_hidden_state
+        buffers = [layer._buffers for layer in cache.layers]
+        for r, (entry, found) in enumerate(zip(group, _first_divergence(self.vlm, normed, self.target[k:]))):
+            if found is None:
+                self.replies[entry.index] = list(setup.clean)
+                continue
+            pad = width - entry.kv[0][0].shape[2]
+            self.diverged(entry.index, k + found[0], found[1],
+                          lambda n, r=r, pad=pad: [(kb[r:r + 1, :, pad:pad + n], vb[r:r + 1, :, pad:pad + n])
+                                                   for kb, vb in buffers])
+
+    def _decode(self, group: list[_Row]) -> None:
+        for entry, ids in zip(group, _continue(self.vlm, self.setup, group, self.hooks, self.mode, self.alpha,
+                                               self.max_new_tokens)):
+            self.replies[entry.index] = ids
 
 
-def _verify_then_decode(vlm, item, batch, heads, mode, alpha, means, batch_size, max_new_tokens) -> list[list[int]]:
-    with _vision_capture(vlm) as vision:
-        clean, ender = _greedy(vlm, batch, max_new_tokens, item.decided)[0]
-    enders = _enders(vlm)
-    sequence = clean + ([ender] if ender is not None else [])  # the tokens each knockout must reproduce
-    replies: list[list[int] | None] = [None] * len(heads)
-    pending: list[tuple[int, list[int]]] = []
+@torch.inference_mode()
+def _verify_then_continue(vlm, setup: GenerateSetup, heads, mode, alpha, means, batch_size,
+                          max_new_tokens) -> list[list[int]]:
+    """Verify every knockout against the clean reply (batched per layer) and decode on only where it differs."""
     by_layer: dict[int, list[int]] = {}
     for index, (layer, _) in enumerate(heads):
         by_layer.setdefault(layer, []).append(index)
     with HeadHooks(vlm, means=means) as hooks:
-        cache = _LayerInputs(vlm)
-        cache.capture(_append(batch, sequence[:-1]))
-        target = torch.tensor(sequence)
+        state = _Knockouts(vlm, setup, heads, hooks, mode, alpha, batch_size, max_new_tokens)
         for layer, indices in by_layer.items():
             for start in range(0, len(indices), batch_size):
-                chunk = indices[start:start + batch_size]
-                hooks.set(_coefficients(vlm, [heads[i] for i in chunk], alpha), mode=mode)
-                logits = cache.run_from(layer, len(chunk), positions=len(sequence))
-                predicted = logits.view(len(chunk), len(sequence), -1).argmax(-1).cpu()
-                for index, row in zip(chunk, predicted):
-                    differs = (row != target).nonzero()
-                    if len(differs) == 0:
-                        replies[index] = list(clean)
-                        continue
-                    j = int(differs[0])
-                    forced = sequence[:j] + [int(row[j])]
-                    if forced[-1] in enders:
-                        replies[index] = forced[:-1]
-                    elif len(forced) >= max_new_tokens or item.decided(
-                            vlm.tokenizer.decode(forced, skip_special_tokens=True)):
-                        replies[index] = forced
-                    else:
-                        pending.append((index, forced))
-    if pending:
-        decoded = _decode(vlm, item, batch, [heads[i] for i, _ in pending], [f for _, f in pending], mode, alpha,
-                          means, batch_size, max_new_tokens, vision=vision[0] if len(vision) == 1 else None)
-        for (index, _), ids in zip(pending, decoded):
-            replies[index] = ids
-    return replies  # type: ignore[return-value]
+                state.verify_first(layer, indices[start:start + batch_size])
+                state.flush()
+        state.flush(everything=True)
+    return state.replies  # type: ignore[return-value]
 
 
-def _decode(vlm, item, batch, heads, forced, mode, alpha, means, batch_size, max_new_tokens,
-            vision: Any = None) -> list[list[int]]:
-    """Greedy replies for knockouts `heads`, row r continuing from its forced reply tokens `forced[r]`.
+class _BufferedLayer(DynamicLayer):
+    """A cache layer whose keys and values live in buffers allocated once for the whole decode: each step
+    writes its positions in place instead of concatenating (which copies the whole cache every step)."""
 
-    With `vision` (the tower's output for the prompt's image) the vision tower is not run again.
-    """
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        super().__init__()
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self._buffers, self._length = (keys, values), length
+        self._expose()
+
+    def _expose(self) -> None:
+        self.keys, self.values = (b[:, :, :self._length] for b in self._buffers)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        end = self._length + key_states.shape[-2]
+        self._buffers[0][:, :, self._length:end] = key_states
+        self._buffers[1][:, :, self._length:end] = value_states
+        self._length = end
+        self._expose()
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._buffers = tuple(b[indices] for b in self._buffers)
+        self._expose()
+
+
+def _pack(vlm, group: list[_Row], extra: int) -> tuple[DynamicCache, torch.Tensor, int]:
+    """One batched cache of the rows' caches, left-padded to the longest, with room for `extra` positions;
+    returns it, the attention mask over the cached positions [rows, width] and the width."""
+    lengths = [e.kv[0][0].shape[2] for e in group]
+    width = max(lengths)
+    cache = DynamicCache()
+    for layer in range(vlm.n_layers):
+        shape = group[0].kv[layer][0].shape  # [1, kv_heads, length, head_dim]
+        keys, values = (torch.empty(len(group), shape[1], width + extra, shape[3], dtype=vlm.dtype,
+                                    device=vlm.device) for _ in range(2))
+        for r, entry in enumerate(group):
+            pad = width - lengths[r]
+            for buffer, data in zip((keys, values), entry.kv[layer]):
+                buffer[r, :, :pad] = 0  # masked, but must be finite: softmax weight 0 times NaN is NaN
+                buffer[r, :, pad:width] = data[0]
+        cache.layers.append(_BufferedLayer(keys, values, width))
+    mask = torch.zeros(len(group), width, dtype=torch.long, device=vlm.device)
+    for r, n in enumerate(lengths):
+        mask[r, width - n:] = 1
+    return cache, mask, width
+
+
+@torch.inference_mode()
+def _continue(vlm, setup: GenerateSetup, group: list[_Row], hooks: HeadHooks, mode: str, alpha: float,
+              max_new_tokens: int) -> list[list[int]]:
+    """Greedy decoding of diverged knockouts from their caches, batched, each row leaving the batch once its
+    reply ends or its answer is decided."""
+    item, enders, device = setup.item, vlm.end_token_ids, vlm.device
+    cache, mask, _ = _pack(vlm, group, max_new_tokens)
+    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    # row r's next token sits at sequence index prompt_len + len(reply) - 1, i.e. offset len(reply)
+    offsets = torch.tensor([[len(e.reply)] for e in group], device=device)
+    replies = [list(e.reply) for e in group]
+    finished = [False] * len(group)
+    slots = list(range(len(group)))  # the group row in each batch slot; finished rows leave in batches
+    coef = _coefficients(vlm, [e.head for e in group], alpha)
+    tokens = torch.tensor([[e.reply[-1]] for e in group], device=device)
+    hooks.set(coef, mode=mode)
+    for step in range(max_new_tokens):
+        hidden = vlm.text_model(input_ids=tokens, attention_mask=mask, position_ids=setup.positions(offsets + step),
+                                past_key_values=cache, use_cache=True).last_hidden_state
+        chosen = vlm.lm_head(hidden[:, -1]).argmax(-1).tolist()
+        growing = []
+        for r, token in zip(slots, chosen):
+            if finished[r]:
+                continue
+            if token in enders:
+                finished[r] = True
+            else:
+                replies[r].append(token)
+                growing.append(r)
+        texts = vlm.tokenizer.batch_decode([replies[r] for r in growing], skip_special_tokens=True)
+        for r, text in zip(growing, texts):
+            finished[r] = len(replies[r]) >= max_new_tokens or item.decided(text)
+        live = [slot for slot, r in enumerate(slots) if not finished[r]]
+        if not live:
+            break
+        if len(live) <= 0.75 * len(slots):  # drop finished rows (copying the cache) once they are a quarter
+            selected = torch.tensor(live, device=device)
+            cache.batch_select_indices(selected)
+            mask, offsets = mask[selected], offsets[selected]
+            slots, chosen = [slots[s] for s in live], [chosen[s] for s in live]
+            hooks.set(coef[slots], mode=mode)
+        tokens = torch.tensor([[t] for t in chosen], device=device)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return replies
+
+
+def _decode_from_scratch(vlm, item: SweepItem, heads, alpha, batch_size, max_new_tokens) -> list[list[int]]:
+    """Greedy replies with reference-mean knockouts, prefill included (that edit depends on the whole forward)."""
+    batch = vlm.encode([(item.image, item.prompt)])
     out: list[list[int]] = []
-    pad = vlm.model.generation_config.pad_token_id
-    with HeadHooks(vlm, means=means) as hooks:
+    with HeadHooks(vlm) as hooks:
         for start in range(0, len(heads), batch_size):
-            rows, starts = _with_replies(batch, forced[start:start + batch_size], pad)
-            hooks.set(_coefficients(vlm, heads[start:start + batch_size], alpha), mode=mode,
-                      row_mask=rows.attention_mask)
-            served = nullcontext() if vision is None else _vision_repeated(vlm, vision, len(rows))
-            with served:
-                out.extend(ids for ids, _ in _greedy(vlm, rows, max_new_tokens, item.decided, starts))
+            chunk = heads[start:start + batch_size]
+            rows = _repeat_rows(batch, len(chunk))
+            hooks.set(_coefficients(vlm, chunk, alpha), mode="reference-mean", row_mask=rows.attention_mask)
+            out.extend(ids for ids, _ in _greedy(vlm, rows, max_new_tokens, [item.decided] * len(chunk)))
     return out
+
+
+def _repeat_rows(batch, rows: int):
+    """`rows` copies of a one-row batch (image tensors concatenated: Qwen flattens patches along dim 0)."""
+    from halluscope.models.vlm import Batch
+
+    inputs = {k: torch.cat([v] * rows) for k, v in batch.inputs.items()}
+    return Batch(inputs, batch.image_mask.expand(rows, -1), batch.image_spans * rows)
 
 
 # ---- the naive loops the engine must equal --------------------------------------------------------------
@@ -481,7 +720,7 @@ def naive_generate(vlm, item: SweepItem, heads: Iterable[tuple[int, int]], *, mo
     for head in heads:
         with intervene(vlm, HeadIntervention({head}, mode=mode, alpha=alpha), means=means,
                        row_mask=batch.attention_mask):
-            ids = _greedy(vlm, batch, max_new_tokens, stop or item.decided)[0][0]
+            ids = _greedy(vlm, batch, max_new_tokens, [stop or item.decided])[0][0]
         reply = vlm.tokenizer.decode(ids, skip_special_tokens=True).strip()
         answer, outcome = item.classify(reply)
         results.append({"reply": reply, "answer": answer, "outcome": outcome})

@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 
 from halluscope.errors import InputError
-from halluscope.sweep.engine import SweepItem, generate_prompt, prepare_score, score_prompt
+from halluscope.sweep.engine import SweepItem, generate_prompt, prepare_generate, prepare_score, score_prompt
 
 __all__ = ["SWEEP_MODES", "sweep_items", "run_sweep", "parse_range"]
 
@@ -40,15 +40,17 @@ def parse_range(text: str | None, size: int, what: str) -> list[int]:
 
 def sweep_items(baseline: pd.DataFrame, images: dict[str, object],
                 conditions: Iterable[str] | None = None) -> list[SweepItem]:
-    """The misleading prompts of an eval run (or those of `conditions`) as sweep items."""
+    """The misleading prompts of an eval run (or those of `conditions`) as sweep items, each with its baseline
+    reply's token ids, which the engine reuses as the clean reply."""
     rows = baseline[baseline["claim"].notna() & (baseline["condition"] != "control")]
     if conditions is not None:
         rows = rows[rows["condition"].isin(list(conditions))]
     items = []
     for row in rows.itertuples(index=False):
         cast = int if row.task == "count" else str
+        reply_ids = getattr(row, "reply_ids", None)  # runs evaluated before reply ids were stored lack them
         items.append(SweepItem(row.sample_id, images[row.sample_id], row.prompt, cast(row.truth), cast(row.claim),
-                               row.task))
+                               row.task, None if reply_ids is None else tuple(int(t) for t in reply_ids)))
     return items
 
 
@@ -71,20 +73,22 @@ def run_sweep(vlm, parts, items: Sequence[SweepItem], grid: Sequence[tuple[int, 
         todo = [layer for layer in by_layer if _key(index, layer) not in done]
         if not todo:
             continue
-        setup = prepare_score(vlm, item, max_new_tokens=max_new_tokens) if mode == "score" else None
+        # one clean reply and clean forward per prompt, shared by all its layers
+        prepare = prepare_score if mode == "score" else prepare_generate
+        setup = prepare(vlm, item, max_new_tokens=max_new_tokens)
         for layer in todo:
             heads = by_layer[layer]
-            if setup is not None:
+            if mode == "score":
                 results = score_prompt(vlm, setup, heads, mode=intervention_mode, means=means, batch_size=batch_size)
             else:
-                results = generate_prompt(vlm, item, heads, mode=intervention_mode, means=means,
+                results = generate_prompt(vlm, setup, heads, mode=intervention_mode, means=means,
                                           batch_size=batch_size, max_new_tokens=max_new_tokens)
             frame = pd.DataFrame([
                 {"sample_id": item.sample_id, "item": index, "truth": item.truth, "claim": item.claim,
                  "layer": l, "head": h, "mode": mode, **res}
                 for (l, h), res in zip(heads, results)
             ])
-            if setup is not None:
+            if mode == "score":
                 frame["clean_reply"] = setup.clean_reply
             parts.write(_key(index, layer), frame)
             if on_shard is not None:
