@@ -29,6 +29,9 @@ def headline_lines(headline: dict[str, Any]) -> list[str]:
     lines = [
         f"copy rate on misleading prompts: {_pct(chosen['copy_rate_before'])} -> {_pct(chosen['copy_rate_after'])} "
         f"with {chosen['heads']} knocked out ({chosen['spec']})",
+        "copy rate by true count (baseline -> knocked out): " + ", ".join(
+            f"{k}: {_pct(v)} -> {_pct(chosen['copy_rate_by_truth_after'].get(k))}"
+            for k, v in sorted(headline["copy_rate_by_truth"].items(), key=lambda kv: float(kv[0]))),
         f"base counting accuracy: {_pct(chosen['base_accuracy_before'])} -> {_pct(chosen['base_accuracy_after'])}",
         "heads ranked by correction rate: " + ", ".join(
             f"{h['name']} ({_pct(h['correction_rate'])})" for h in headline["ranking_top"]),

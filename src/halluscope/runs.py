@@ -539,6 +539,11 @@ class Run:
         """Names of the tables present, sorted."""
         return sorted(p.stem for p in self.path.glob("*.parquet") if not p.name.startswith("."))
 
+    @staticmethod
+    def exists(path: str | os.PathLike[str]) -> bool:
+        """True if `path` holds a run (a manifest)."""
+        return (Path(path) / MANIFEST_NAME).is_file()
+
     def has_table(self, name: str) -> bool:
         """Whether table `name` is present."""
         return (self.path / f"{_check_name(name, 'table')}.parquet").is_file()

@@ -113,18 +113,26 @@ def eval_step(out: str | Path, *, model: str, task: str = "count", data: str = "
     arguments = {"model": model, "task": spec.name, "data": data, "n": n, "offsets": values, "seed": seed,
                  "batch_size": batch_size, "max_new_tokens": max_new_tokens, "object_column": object_column,
                  "name_objects": name_objects, "options": options, "decoding": "greedy"}
+    if object_column:
+        options["object_column"] = object_column
+
+    def build(namer=None):
+        samples = build_task(spec.name, data, n=n, seed=seed, **{spec.knob: values}, **options,
+                             **({"name_objects": namer} if namer else {}))
+        for row in getattr(samples, "skipped", ()):
+            warn(f"skipped source row {row.row} ({row.image_id}): {row.reason}")
+        return samples
+
+    # bad data, offsets or columns fail here, before a model is loaded or anything is written to `out`
+    resuming = not force and Run.exists(out)
+    samples = None if resuming or name_objects else build()
     vlm = vlm if vlm is not None else load_model(model)
     run = Run.create(out, step="eval", arguments=arguments, model=vlm.describe(), force=force)
     if run.has_table("samples"):
         samples = samples_from_frame(run.read_table("samples"))
     else:
-        if object_column:
-            options["object_column"] = object_column
-        if name_objects:
-            options["name_objects"] = vlm_object_namer(vlm, batch_size=batch_size)
-        samples = build_task(spec.name, data, n=n, seed=seed, **{spec.knob: values}, **options)
-        for row in getattr(samples, "skipped", ()):
-            warn(f"skipped source row {row.row} ({row.image_id}): {row.reason}")
+        samples = samples if samples is not None else build(
+            vlm_object_namer(vlm, batch_size=batch_size) if name_objects else None)
         run.write_table("samples", samples_to_frame(samples))
     ok, bad = readable_samples(samples)
     for sample_id, why in bad:
@@ -168,25 +176,48 @@ def means_step(run_dir: str | Path, *, batch_size: int = 8, force: bool = False,
 
 
 # ---- sweep ----------------------------------------------------------------------------------------------
+def _check_mode(intervention: str) -> str:
+    from halluscope.interventions.heads import MODES
+
+    if intervention not in MODES:
+        raise InputError(f"unknown --intervention {intervention!r}; use one of {', '.join(MODES)}")
+    return intervention
+
+
+def _mode_note(intervention: str) -> dict[str, str]:
+    """What a manifest records beside the mode's name when the name alone would mislead."""
+    from halluscope.interventions.heads import MODE_NOTES
+
+    return {"intervention_note": MODE_NOTES[intervention]} if intervention in MODE_NOTES else {}
+
+
+def _sweep_items(run: Run, baseline: pd.DataFrame):
+    """The run's misleading prompts as sweep items, with their images, reply ids and true-answer aliases."""
+    from halluscope.sweep.runner import sweep_items
+
+    samples, _ = _samples(run)
+    return sweep_items(baseline, {s.id: s.image for s in samples},
+                       aliases={s.id: s.truth_aliases for s in samples})
+
+
 def sweep_step(run_dir: str | Path, *, layers: str | None = None, heads: str | None = None, mode: str = "score",
                intervention: str = "zero", batch_size: int = 16, max_new_tokens: int = 50, force: bool = False,
                vlm=None, progress: Progress = no_progress) -> pd.DataFrame:
     """Knock out every head of the grid, one at a time, on the run's misleading prompts; writes sweep.parquet."""
-    from halluscope.sweep.runner import SWEEP_MODES, parse_range, run_sweep, sweep_items
-    from halluscope.tasks.sample import samples_from_frame
+    from halluscope.sweep.runner import SWEEP_MODES, parse_range, run_sweep
 
     if mode not in SWEEP_MODES:
         raise InputError(f"unknown --mode {mode!r}; use one of {', '.join(SWEEP_MODES)}")
     run = Run.open(run_dir)
     baseline = run.read_table("baseline", hint="eval")
+    head_means = load_means(run, _check_mode(intervention))
     vlm = run_model(run, vlm)
     layer_ids = parse_range(layers, vlm.n_layers, "layer")
     head_ids = parse_range(heads, vlm.n_heads, "head")
     run.begin_step("sweep", {"layers": layer_ids, "heads": head_ids, "mode": mode, "intervention": intervention,
-                             "batch_size": batch_size, "max_new_tokens": max_new_tokens}, force=force)
-    head_means = load_means(run, intervention)
-    images = {s.id: s.image for s in samples_from_frame(run.read_table("samples"))}
-    items = sweep_items(baseline, images)
+                             **_mode_note(intervention), "batch_size": batch_size,
+                             "max_new_tokens": max_new_tokens}, force=force)
+    items = _sweep_items(run, baseline)
     if not items:
         raise InputError(f"{run.path} has no misleading prompts to sweep; evaluate with offsets/distances")
     parts = run.parts("sweep")
@@ -234,8 +265,7 @@ def confirm_step(run_dir: str | Path, *, heads: str = "best5", batch_size: int =
     """
     from halluscope.analysis.ranking import resolve_head_set
     from halluscope.interventions.heads import format_heads
-    from halluscope.sweep.runner import run_sweep, sweep_items
-    from halluscope.tasks.sample import samples_from_frame
+    from halluscope.sweep.runner import run_sweep
 
     run = Run.open(run_dir)
     scored = run.read_table("sweep", hint="sweep")
@@ -244,8 +274,7 @@ def confirm_step(run_dir: str | Path, *, heads: str = "best5", batch_size: int =
     run.begin_step("confirm", {"heads": format_heads(head_set), "batch_size": batch_size,
                                "max_new_tokens": max_new_tokens}, force=force)
     vlm = run_model(run, vlm)
-    images = {s.id: s.image for s in samples_from_frame(run.read_table("samples"))}
-    items = [i for i in sweep_items(run.read_table("baseline"), images) if i.sample_id in set(scored["sample_id"])]
+    items = [i for i in _sweep_items(run, run.read_table("baseline")) if i.sample_id in set(scored["sample_id"])]
     parts = run.parts("confirm")
     with progress("confirm (generate)", len(items) * len({l for l, _ in head_set})) as advance:
         advance(len(parts.done()))
@@ -283,14 +312,16 @@ def ablate_step(run_dir: str | Path, *, heads: str, intervention: str = "zero", 
     head_set = resolve_head_set(heads, report, info["n_layers"], info["n_heads"])
     iv = HeadIntervention(head_set, mode=intervention, alpha=alpha, positions=positions)
     step = "ablate" if name == "ablation" else f"ablate-{name}"
+    head_means = load_means(run, intervention)
     run.begin_step(step, {"heads": format_heads(head_set), "spec": heads, "intervention": intervention,
-                          "alpha": alpha, "positions": positions, "batch_size": batch_size}, force=force)
+                          **_mode_note(intervention), "alpha": alpha, "positions": positions,
+                          "batch_size": batch_size}, force=force)
     vlm = run_model(run, vlm)
     samples, _ = _samples(run)
     after = _evaluate_into(run, step, vlm, samples, batch_size=batch_size,
                            max_new_tokens=run.manifest["steps"]["eval"]["arguments"]["max_new_tokens"],
                            progress=progress, description=f"{step} {format_heads(head_set)}", intervention=iv,
-                           means=load_means(run, intervention))
+                           means=head_means)
     run.write_table(name, after)
     before_summary, after_summary = metrics.summarize(baseline), metrics.summarize(after)
     base_change = (None if before_summary["base_accuracy"] is None or after_summary["base_accuracy"] is None

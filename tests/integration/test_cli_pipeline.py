@@ -135,6 +135,8 @@ def test_bad_input_gives_one_line_errors(cli, model, tmp_path, args, message):
     code, _, err = cli(*args)
     assert code == 2 and message in err
     assert len(err.strip().splitlines()) == 1
+    if args[0] == "eval":  # checked before anything is written: the corrected command is not refused later
+        assert not (tmp_path / "run").exists()
 
 
 def test_errors_after_eval(cli, model, tmp_path):
@@ -148,6 +150,10 @@ def test_errors_after_eval(cli, model, tmp_path):
         (("ablate", "--run", run, "--heads", "best3"), "halluscope rank"),
         (("rank", "--run", run), "sweep"),
         (("ablate", "--run", run, "--heads", "L0H1", "--intervention", "mean"), "halluscope means"),
+        (("sweep", "--run", run, "--intervention", "half"), "zero, scale, mean, reference-mean"),
+        (("sweep", "--run", run, "--intervention", "mean"), "halluscope means"),
     ]:
         code, _, err = cli(*args)
         assert code == 2 and message in err, (args, err)
+    steps = json.loads((run / "manifest.json").read_text())["steps"]
+    assert set(steps) == {"eval"}  # rejected commands recorded nothing, so their corrected form runs

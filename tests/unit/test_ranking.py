@@ -75,11 +75,19 @@ def test_flip_rate_counts_baseline_copies_the_knockout_corrected():
         baseline={(0, 0): {2: "CCRC"}, (0, 1): {2: "RROO"}},
     )
     rates = head_rates(sweep)
-    # L0H0: baselines copied in rows 0, 1, 3; only row 0 became "corrected" (row 2 was already right)
+    # L0H0: baselines copied in rows 0, 1, 3; only row 0 became "corrected". Row 2 was already right, so it is
+    # no correction (nor is any L0H1 row: the knockout changed nothing)
     assert _records(rates, ["layer", "head", "corrected", "n_baseline_copied", "flipped"]) == [
-        (0, 0, 2, 3, 1), (0, 1, 2, 0, 0)]
+        (0, 0, 1, 3, 1), (0, 1, 0, 0, 0)]
     assert rates["flip_rate"].iloc[0] == 1 / 3
     assert math.isnan(rates["flip_rate"].iloc[1])  # no baseline copied: undefined, not 0
+
+
+def test_a_knockout_that_changes_nothing_corrects_nothing_and_joins_no_set():
+    sweep = _sweep({(0, 0): {2: "RRCC"}, (0, 1): {2: "RRRC"}},
+                   baseline={(0, 0): {2: "RRCC"}, (0, 1): {2: "RRCC"}})
+    assert _records(head_rates(sweep), ["layer", "head", "corrected"]) == [(0, 0, 0), (0, 1, 1)]
+    assert best_k_sets(sweep, ks=(1, 2))["best2"] == [(0, 1)]
 
 
 # ---------------------------------------------------------------------------------------------- ranks
@@ -157,7 +165,7 @@ def test_bad_ks_raise(ks):
 def test_rank_report_is_strict_json_with_sets_and_names():
     sweep = _sweep(
         {(0, 3): {2: "RR", 3: "CC"}, (1, 0): {2: "RC", 3: "RR"}, (0, 0): {2: "CC", 3: "CC"}},
-        baseline={(0, 3): {2: "CC", 3: "CC"}, (1, 0): {2: "RR", 3: "RR"}, (0, 0): {2: "CC", 3: "CC"}},
+        baseline={(0, 3): {2: "CC", 3: "CC"}, (1, 0): {2: "OO", 3: "OO"}, (0, 0): {2: "CC", 3: "CC"}},
     )
     report = json.loads(json.dumps(rank_report(sweep), allow_nan=False))
     assert report["n_prompts"] == 4 and report["n_heads"] == 3

@@ -166,3 +166,31 @@ def test_parse_range_errors(text):
     with pytest.raises(HalluscopeError) as e:
         parse_range(text, 4, "layer")
     assert "\n" not in str(e.value) and "layer" in str(e.value)
+
+
+def test_reference_mean_in_score_mode_averages_and_edits_the_prompt_only():
+    """The reference's in-forward mean acted on its prefill (the prompt); the teacher-forced reply stays as is."""
+    import torch
+
+    from halluscope.interventions.heads import HeadHooks
+    from halluscope.sweep.engine import ScoreSetup
+
+    class Batch:
+        attention_mask = torch.tensor([[0, 1, 1, 1, 1, 1]])
+
+    setup = ScoreSetup(_item(), "", [], prompt_len=4)
+    mask = setup.prompt_mask(Batch())
+    assert mask.tolist() == [[0, 1, 1, 1, 0, 0]]
+
+    class Tiny:
+        n_layers, n_heads, head_dim, device, dtype = 1, 1, 2, torch.device("cpu"), torch.float32
+
+        def o_proj(self, layer):
+            return torch.nn.Identity()
+
+    hooks = HeadHooks(Tiny())
+    hooks.set(torch.zeros(1, 1, 1), mode="reference-mean", row_mask=mask)
+    x = torch.arange(12.0).view(1, 6, 2)
+    out = hooks._hook(0)(None, (x,))[0]
+    assert torch.equal(out[0, 1:4], x[0, 1:4].mean(0).expand(3, -1))  # prompt: its own mean
+    assert torch.equal(out[0, 4:], x[0, 4:]) and torch.equal(out[0, 0], x[0, 0])  # reply and padding untouched

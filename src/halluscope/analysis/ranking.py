@@ -9,6 +9,9 @@ The named sets follow the PIH reference study (pih-reference.md §3, §4.1), wit
 
 - "top{k}": the union over true values of the heads with dense rank <= k by per-value correction rate;
 - "best{k}": the k heads with the highest overall correction rate.
+- With a `baseline_outcome` column, a row counts as corrected only if the knockout changed the answer to the
+  truth (the baseline did not already give it), as the reference's "number changed to ground truth" did; a
+  knockout that changes nothing then scores 0 and joins no named set.
 - Heads with zero corrections appear in every table (the reference built its tables from the corrected
   rows only, so they vanished). They are never put in a named set: in the reference they could not be
   ranked, and with ties a rank of 0 corrections would pull in every such head.
@@ -138,7 +141,8 @@ def head_rates(sweep: pd.DataFrame, by: str | Sequence[str] = ()) -> pd.DataFram
 
     Returns:
         Columns `*by, layer, head, n, corrected, copied, correction_rate, copy_rate`, sorted by
-        (by..., layer, head). With a `baseline_outcome` column also `n_baseline_copied` (rows whose
+        (by..., layer, head); with `baseline_outcome`, `corrected` counts rows whose answer the knockout
+        changed to the truth. With a `baseline_outcome` column also `n_baseline_copied` (rows whose
         baseline copied the prompt), `flipped` (of those, rows the knockout made "corrected") and
         `flip_rate` = flipped / n_baseline_copied (NaN when no baseline copied).
 
@@ -156,7 +160,10 @@ def head_rates(sweep: pd.DataFrame, by: str | Sequence[str] = ()) -> pd.DataFram
 def _rates(table: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     """`head_rates` of a checked table."""
     outcome = table["outcome"]
-    flags = {"corrected": outcome == "corrected", "copied": outcome == "copied"}
+    corrected = outcome == "corrected"
+    if "baseline_outcome" in table.columns:  # count changes only: a prompt already answered right is no credit
+        corrected &= table["baseline_outcome"] != "corrected"
+    flags = {"corrected": corrected, "copied": outcome == "copied"}
     if "baseline_outcome" in table.columns:
         baseline_copied = table["baseline_outcome"] == "copied"
         flags["n_baseline_copied"] = baseline_copied

@@ -29,10 +29,17 @@ import torch
 
 from halluscope.errors import InputError
 
-__all__ = ["MODES", "POSITIONS", "HeadIntervention", "HeadHooks", "intervene", "parse_heads", "format_heads",
+__all__ = ["MODES", "MODE_NOTES", "POSITIONS", "HeadIntervention", "HeadHooks", "intervene", "parse_heads",
+           "format_heads",
            "compute_head_means"]
 
 MODES = ("zero", "scale", "mean", "reference-mean")
+# what a run manifest records beside a mode whose name alone would mislead
+MODE_NOTES = {
+    "reference-mean": "the PIH reference study's edit: each head replaced by its mean over the row's prompt "
+                      "positions on the prefill forward only; cached decode steps (and, in score mode, the "
+                      "teacher-forced reply) are left unedited, as the reference's hook was a no-op there",
+}
 POSITIONS = ("all", "prompt", "generated")
 _HEAD = re.compile(r"^L(\d+)H(\d+)$", re.IGNORECASE)
 

@@ -88,4 +88,7 @@ def load_vlm(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | None
         raise ModelLoadError(f"cannot load weights or processor of {source!r}: {str(exc).splitlines()[0][:160]}; "
                              f"pass a complete local checkpoint directory") from None
     model.to(device).eval()
-    return VLM(model, processor, family, name=os.fspath(name_or_path))
+    name = os.fspath(name_or_path)
+    if name != "organism" and Path(name).expanduser().is_dir():  # recorded in run manifests: make it absolute
+        name = str(Path(name).expanduser().resolve())
+    return VLM(model, processor, family, name=name)

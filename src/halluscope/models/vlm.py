@@ -6,8 +6,8 @@ forwards and greedy generation, and gives named access to the modules interventi
 
 from __future__ import annotations
 
-import hashlib
 import functools
+import hashlib
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -18,7 +18,7 @@ from PIL import Image
 from torch import nn
 from transformers import GenerationConfig
 
-from halluscope.errors import InputError
+from halluscope.errors import InputError, ModelLoadError
 from halluscope.images import ImageLike, open_image
 from halluscope.models.families import Family
 
@@ -77,7 +77,12 @@ class VLM:
         self.n_kv_heads: int = getattr(text, "num_key_value_heads", None) or self.n_heads
         self.head_dim: int = getattr(text, "head_dim", None) or text.hidden_size // self.n_heads
         self.image_token_id: int = getattr(model.config, family.image_token_field)
+        self._fingerprint: str | None = None
         self.chat_template: str = processor.chat_template or self.tokenizer.chat_template
+        if not self.chat_template:
+            raise ModelLoadError(f"{name or type(model).__name__} has no chat template (neither its processor nor "
+                                 f"its tokenizer defines one); save the instruct checkpoint's chat_template.jinja "
+                                 f"or processor chat template with it")
 
     def __repr__(self) -> str:
         return (f"VLM({self.name!r}, family={self.family.name}, layers={self.n_layers}, heads={self.n_heads}, "
@@ -94,13 +99,18 @@ class VLM:
 
     @torch.inference_mode()
     def fingerprint(self) -> str:
-        """A short hash of the config and every weight tensor (its name, shape, sum and first values)."""
+        """A short hash of the config and every weight tensor (its name, shape, sum and first values), computed
+        once per loaded model, in chunks so that a 7B model needs no full-size temporary copy."""
+        if self._fingerprint is not None:
+            return self._fingerprint
         digest = hashlib.sha256(self.model.config.to_json_string(use_diff=False).encode())
         for name, tensor in self.model.state_dict().items():
             flat = tensor.detach().flatten()
-            digest.update(f"{name}{tuple(tensor.shape)}{flat.double().sum().item():.6e}".encode())
+            total = sum(chunk.sum(dtype=torch.float64).item() for chunk in flat.split(1 << 22))
+            digest.update(f"{name}{tuple(tensor.shape)}{total:.6e}".encode())
             digest.update(flat[:8].double().cpu().numpy().tobytes())
-        return digest.hexdigest()[:16]
+        self._fingerprint = digest.hexdigest()[:16]
+        return self._fingerprint
 
     # ---- modules -------------------------------------------------------------------------------------
     def _get(self, path: str) -> nn.Module:

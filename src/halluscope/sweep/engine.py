@@ -54,10 +54,13 @@ class SweepItem:
     # the un-intervened greedy reply's token ids through its EOS, when known (e.g. from the eval run): the
     # engine then reuses it instead of generating it again
     reply_ids: tuple[int, ...] | None = None
+    object: str | None = None  # the prompt's noun: keeps colour words in it ("red panda") out of the answer
+    truth_aliases: tuple[str, ...] = ()  # other true answers, e.g. the other colours of a multi-coloured object
 
     def classify(self, reply: str) -> tuple[Any, str]:
-        """The parsed answer and outcome of a reply to this prompt."""
-        return classify_reply(self.task, reply, self.truth, self.claim)
+        """The parsed answer and outcome of a reply to this prompt (as the eval classifies it)."""
+        truth = self.truth if self.task == "count" else (self.truth, *self.truth_aliases)
+        return classify_reply(self.task, reply, truth, self.claim, self.object)
 
     def decided(self, reply: str) -> bool:
         """True once the reply's answer can no longer change (see `answer_decided`)."""
@@ -89,6 +92,7 @@ class ScoreSetup:
     clean_reply: str
     # one entry per distinct teacher-forced sequence: (batch, {form: (truth_id, claim_id)})
     groups: list[tuple[Any, dict[str, tuple[int, int]]]]
+    prompt_len: int  # the prompt's tokens; the rest of each sequence is teacher-forced reply
     # each group's clean layer inputs, captured on first use and shared by every later call (e.g. per layer)
     captured: list[Any] = field(default_factory=list, repr=False)
 
@@ -100,6 +104,13 @@ class ScoreSetup:
                 inputs.capture(batch)
                 self.captured.append(inputs)
         return self.captured
+
+    def prompt_mask(self, batch) -> torch.Tensor:
+        """The batch's attention mask over the prompt only: where "reference-mean" averages and edits, as the
+        reference study's prefill did (its reply tokens came later, in cached decode steps it left alone)."""
+        mask = batch.attention_mask.clone()
+        mask[:, self.prompt_len:] = 0
+        return mask
 
 
 def _first_difference(a: list[int], b: list[int]) -> int:
@@ -173,7 +184,8 @@ def prepare_score(vlm, item: SweepItem, *, max_new_tokens: int = 50) -> ScoreSet
     if not groups:
         raise InputError(f"{item.sample_id}: truth {item.truth} and claim {item.claim} cannot be told apart by "
                          f"one token in this tokenizer; use --mode generate")
-    return ScoreSetup(item, reply, [(_append(batch, list(forced)), forms) for forced, forms in groups.items()])
+    return ScoreSetup(item, reply, [(_append(batch, list(forced)), forms) for forced, forms in groups.items()],
+                      batch.seq_len)
 
 
 def _score_rows(logits: torch.Tensor, forms: dict[str, tuple[int, int]]) -> list[dict[str, Any]]:
@@ -323,7 +335,7 @@ def score_prompt(vlm, setup: ScoreSetup, heads: Sequence[tuple[int, int]], *, mo
                 for start in range(0, len(indices), batch_size):
                     chunk = indices[start:start + batch_size]
                     hooks.set(_coefficients(vlm, [heads[i] for i in chunk], alpha), mode=mode,
-                              row_mask=batch.attention_mask.expand(len(chunk), -1))
+                              row_mask=setup.prompt_mask(batch).expand(len(chunk), -1))
                     logits = vlm.lm_head(inputs.run_from(layer, len(chunk))[:, -1])
                     for idx, res in zip(chunk, _score_rows(logits, forms)):
                         results[idx] = res
@@ -697,9 +709,8 @@ def naive_score(vlm, setup: ScoreSetup, heads: Iterable[tuple[int, int]], *, mod
         parts = []
         for batch, forms in setup.groups:
             with intervene(vlm, HeadIntervention({head}, mode=mode, alpha=alpha), means=means,
-                           row_mask=batch.attention_mask):
-                with torch.inference_mode():
-                    logits = vlm.forward(batch, use_cache=False).logits[:, -1]
+                           row_mask=setup.prompt_mask(batch)), torch.inference_mode():
+                logits = vlm.forward(batch, use_cache=False).logits[:, -1]
             parts.append(_score_rows(logits, forms))
         results.append(_merge(parts)[0])
     return results

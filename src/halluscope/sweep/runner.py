@@ -38,19 +38,21 @@ def parse_range(text: str | None, size: int, what: str) -> list[int]:
     return list(range(lo, hi))
 
 
-def sweep_items(baseline: pd.DataFrame, images: dict[str, object],
-                conditions: Iterable[str] | None = None) -> list[SweepItem]:
+def sweep_items(baseline: pd.DataFrame, images: dict[str, object], conditions: Iterable[str] | None = None,
+                aliases: dict[str, tuple[str, ...]] | None = None) -> list[SweepItem]:
     """The misleading prompts of an eval run (or those of `conditions`) as sweep items, each with its baseline
-    reply's token ids, which the engine reuses as the clean reply."""
+    reply's token ids (which the engine reuses as the clean reply) and its true-answer `aliases` by sample id."""
     rows = baseline[baseline["claim"].notna() & (baseline["condition"] != "control")]
     if conditions is not None:
         rows = rows[rows["condition"].isin(list(conditions))]
     items = []
     for row in rows.itertuples(index=False):
         cast = int if row.task == "count" else str
-        reply_ids = getattr(row, "reply_ids", None)  # runs evaluated before reply ids were stored lack them
+        reply_ids = getattr(row, "reply_ids", None)  # runs (or shards) evaluated before reply ids were stored
+        known = reply_ids is not None and not isinstance(reply_ids, float)  # lack them (None, or NaN in a mix)
         items.append(SweepItem(row.sample_id, images[row.sample_id], row.prompt, cast(row.truth), cast(row.claim),
-                               row.task, None if reply_ids is None else tuple(int(t) for t in reply_ids)))
+                               row.task, tuple(int(t) for t in reply_ids) if known else None, row.object,
+                               (aliases or {}).get(row.sample_id, ())))
     return items
 
 
