@@ -1,6 +1,6 @@
 """Attention mass and maps: the recomputed attention rows against eager attention weights on every family
 (left padding and GQA included), token classes, the attention-mass table's settings, and the image layouts of
-`analysis.maps`. Model-heavy table tests run on qwen2_vl only."""
+`analysis.maps`. The shares and the attention-mass table run on every family; the maps test on qwen2_vl only."""
 
 from __future__ import annotations
 
@@ -86,7 +86,6 @@ def test_token_classes_find_image_prompt_and_padding(vlm):
         assert (classes[row] == TOKEN_CLASSES.index("template")).any()  # role tags, BOS, delimiters
 
 
-@pytest.mark.parametrize("family", ONE)
 def test_shares_are_eager_weights_summed_per_class(vlm):
     batch = _padded(vlm)
     prompt_len = batch.seq_len - 2  # pretend the last two tokens are reply tokens
@@ -122,17 +121,35 @@ def _prompts() -> list[RunPrompt]:
             RunPrompt("s-+1", "i0", "+1", "count", image, "Describe the 2 circles in this image.", 1, 2, 2)]
 
 
-@pytest.mark.parametrize("family", ONE)
 def test_attention_mass_ablation_changes_only_layers_after_the_head(vlm):
-    table = attention_mass(vlm, _prompts(), {(0, 1)}, max_new_tokens=6)
+    table = attention_mass(vlm, _prompts(), {(0, 1)}, max_new_tokens=4)
     assert set(table["setting"]) == {"baseline", "ablated"}
     assert set(table["sample_id"]) == {"s-base", "s-+1"}
-    np.testing.assert_allclose(table[list(SHARE_COLUMNS)].sum(axis=1), 1.0, atol=1e-5)
+    # one row per (layer, head) of every (prompt, setting, query); a one-token reply has no "generated" rows
+    n_cells = vlm.n_layers * vlm.n_heads
+    for (_, _, query), rows in table.groupby(["sample_id", "setting", "query"]):
+        assert len(rows) == n_cells and not rows.duplicated(["layer", "head"]).any()
+        assert set(rows["layer"]) == set(range(vlm.n_layers)) and set(rows["head"]) == set(range(vlm.n_heads))
+        assert rows["n_queries"].nunique() == 1 and (rows["n_queries"] >= 1).all()
+        assert query == "generated" or (rows["n_queries"] == 1).all()
+    assert set(table["query"]) >= {"prompt", "answer"}
+    shares = table[list(SHARE_COLUMNS)]
+    assert ((shares >= 0) & (shares <= 1 + 1e-6)).all().all()
+    np.testing.assert_allclose(shares.sum(axis=1), 1.0, atol=1e-5)
+    assert (table["image_share"] > 0).all() and (table["text_share"] > 0).all()  # every row sees both
     prompt_rows = table[table["query"] == "prompt"].set_index(["sample_id", "setting", "layer", "head"])
     base = prompt_rows.xs("baseline", level="setting")[list(SHARE_COLUMNS)]
     ablated = prompt_rows.xs("ablated", level="setting")[list(SHARE_COLUMNS)]
-    # a head's o_proj edit cannot change its own layer's attention, only the layers after it
-    pd.testing.assert_frame_equal(base.xs(0, level="layer"), ablated.xs(0, level="layer"))
+    # a head's o_proj edit cannot change its own layer's attention, only the layers after it. Bit-exact when both
+    # settings teacher-force replies of the same length; else (the ablated reply is generated under the ablation)
+    # the recomputed softmax runs over a different number of masked keys and float sums may round differently.
+    generated = table[table["query"] == "generated"].groupby(["sample_id", "setting"])["n_queries"].first()
+    for sample_id in ("s-base", "s-+1"):
+        lengths = {s: int(generated.get((sample_id, s), 0)) for s in ("baseline", "ablated")}
+        same = lengths["baseline"] == lengths["ablated"]
+        pd.testing.assert_frame_equal(base.xs((sample_id, 0), level=["sample_id", "layer"]),
+                                      ablated.xs((sample_id, 0), level=["sample_id", "layer"]),
+                                      check_exact=same, **({} if same else {"rtol": 0, "atol": 1e-6}))
     assert not np.allclose(base.xs(1, level="layer"), ablated.xs(1, level="layer"))
     assert (table.loc[table["query"] == "prompt", "reply_share"] == 0).all()
     twice = pd.concat([table, table.assign(sample_id=table["sample_id"] + "-b",

@@ -1,7 +1,9 @@
 """The logit lens: the last layer equals the model's logits exactly on every family, and an ablation changes
-only the layers from the ablated head's layer on (qwen2_vl)."""
+only the layers from the ablated head's layer on (every tiny family)."""
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -9,11 +11,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from halluscope.analysis.lens import layer_logits, logit_lens, summarize_lens
-from halluscope.analysis.probabilities import RunPrompt
+from halluscope.analysis.probabilities import RunPrompt, answer_setup
 from halluscope.errors import InputError
 from halluscope.images import image_to_png_bytes
-
-ONE = ["qwen2_vl"]
+from halluscope.interventions.heads import HeadIntervention, intervene
 
 
 def _image(size=(224, 224)) -> Image.Image:
@@ -32,26 +33,44 @@ def test_last_layer_lens_equals_the_models_logits(vlm):
     assert not torch.allclose(lens[:, 0, 0], lens[:, -1, 0])  # layers differ: the hooks are per layer
 
 
-@pytest.mark.parametrize("family", ONE)
 def test_lens_table_ablation_changes_layers_from_the_heads_layer(vlm):
     image = image_to_png_bytes(_image())
     prompts = [RunPrompt("s-+1", "i0", "+1", "count", image, "Describe the 4 circles in this image.", 3, 4, 4),
                RunPrompt("s-base", "i0", "base", "count", image, "How many circles are in this image?", 3, None, 4)]
-    table = logit_lens(vlm, prompts, heads={(1, 2)}, max_new_tokens=6)
+    heads = {(1, 2)}
+    table = logit_lens(vlm, prompts, heads=heads, max_new_tokens=4)
+    assert set(table["sample_id"]) == {"s-+1", "s-base"}  # neither prompt skipped
     assert set(table["setting"]) == {"baseline", "ablated"}
     assert set(table["layer"]) == set(range(vlm.n_layers))
-    assert table["p_truth"].between(0, 1).all() and (table["rank_truth"] >= 1).all()
+    for _, rows in table.groupby(["sample_id", "setting"]):  # one row per (form, layer)
+        assert len(rows) == rows["form"].nunique() * vlm.n_layers
+        assert not rows.duplicated(["form", "layer"]).any()
+    vocab = vlm.lm_head.out_features
+    assert table["p_truth"].between(0, 1).all() and table["rank_truth"].between(1, vocab).all()
+    misleading = table[table["condition"] == "+1"]
+    assert misleading["p_claim"].between(0, 1).all() and misleading["rank_claim"].between(1, vocab).all()
     assert table.loc[table["condition"] == "base", ["p_claim", "rank_claim"]].isna().all().all()
     keyed = table.set_index(["sample_id", "form", "layer", "setting"])[["p_truth", "p_claim"]]
     base, ablated = keyed.xs("baseline", level="setting"), keyed.xs("ablated", level="setting")
-    # ablating a head in layer 1 cannot change what layer 0 outputs, and must change layer 1
+    # ablating a head in layer 1 cannot change what layer 0 outputs (same context, same computation: exact),
+    # and must change layer 1
     np.testing.assert_array_equal(base.xs(0, level="layer").to_numpy(), ablated.xs(0, level="layer").to_numpy())
     assert not np.allclose(base.xs(1, level="layer")["p_truth"], ablated.xs(1, level="layer")["p_truth"])
+    # the last layer's lens is the model's own answer-slot distribution, baseline and ablated, bit for bit
+    last = vlm.n_layers - 1
+    for batch, forms in answer_setup(vlm, prompts[0], max_new_tokens=4).groups:
+        for setting, edit in (("baseline", nullcontext()),
+                              ("ablated", intervene(vlm, HeadIntervention(heads, mode="zero")))):
+            with edit, torch.inference_mode():
+                probs = vlm.forward(batch, use_cache=False, logits_to_keep=1).logits[0, -1].float().softmax(-1)
+            for form, (truth_id, claim_id) in forms.items():
+                row = keyed.loc[("s-+1", form, last, setting)]
+                assert (row["p_truth"], row["p_claim"]) == (float(probs[truth_id]), float(probs[claim_id]))
     summary = summarize_lens(table)
     assert set(summary["kind"]) == {"misleading", "truthful"}
+    assert (summary.groupby(["kind", "setting", "form"])["layer"].nunique() == vlm.n_layers).all()
 
 
-@pytest.mark.parametrize("family", ONE)
 def test_lens_bad_positions(vlm):
     batch = vlm.encode([(_image(), "How many?")])
     with pytest.raises(InputError, match="outside"):
