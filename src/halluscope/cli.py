@@ -110,6 +110,9 @@ def eval_(model: str = typer.Option(..., "--model", help="Hub id, local checkpoi
                                                       help="Column holding the object noun (loaded counting data)."),
           name_objects: bool = typer.Option(False, "--name-objects",
                                             help="Let the model name each image's object (counting data without nouns)."),
+          objects: Optional[Path] = typer.Option(None, "--objects",
+                                                 help="JSON file mapping row index, image id or file name to the "
+                                                      "object noun (counting data without nouns)."),
           force: bool = typer.Option(False, "--force", help="Overwrite a different run in --out.")) -> None:
     """Baseline evaluation of a PIH task: greedy replies, parsed answers, copy/correction rates, plots.
 
@@ -117,12 +120,34 @@ def eval_(model: str = typer.Option(..., "--model", help="Hub id, local checkpoi
     """
     from halluscope.steps import eval_step
 
-    options = {"size": size} if size is not None else {}
+    options: dict = {"size": size} if size is not None else {}
+    if objects is not None:
+        options["objects"] = _json_mapping(objects, "--objects")
     run, summary = eval_step(out, model=model, task=task, data=data, n=n, offsets=_ints(offsets, "offsets"),
                              seed=seed, batch_size=batch_size, max_new_tokens=max_new_tokens,
                              object_column=object_column, name_objects=name_objects, force=force,
                              progress=progress_bar, warn=lambda m: console.print(f"[yellow]{m}[/yellow]"), **options)
     _print_summary(summary, run.path)
+
+
+def _json_mapping(path: Path, option: str) -> dict:
+    """A JSON object read from `path`, or a one-line error naming the option and the problem."""
+    import json
+
+    from halluscope.errors import InputError
+
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{option} {str(path)!r} does not exist; pass a JSON file such as "
+                         f"{{\"0003\": \"apples\"}}") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{option} {str(path)!r} is not readable JSON ({str(exc).splitlines()[0]}); pass a JSON "
+                         f"object such as {{\"0003\": \"apples\"}}") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{option} {str(path)!r} holds a {type(value).__name__}; pass a JSON object mapping row "
+                         f"index, image id or file name to a noun")
+    return value
 
 
 def _print_summary(summary: dict, path: Path) -> None:

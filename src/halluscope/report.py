@@ -65,6 +65,10 @@ def write_report(run: Run, headline: dict[str, Any]) -> Path:
         _by_truth(headline["copy_rate_by_truth"], headline["chosen"]["copy_rate_by_truth_after"]),
         "## Joint knockouts of the best-k heads",
         "",
+        "The headline set is the one with the largest cut at most 10 points of counting accuracy lost, chosen on "
+        "these same prompts, so its cut is an in-sample figure; the organism's model card measures its head set on "
+        "scenes it was not chosen on.",
+        "",
         "| set | heads | copy rate | relative cut | base accuracy |",
         "|---|---|---|---|---|",
         ablations,

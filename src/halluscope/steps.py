@@ -113,11 +113,10 @@ def eval_step(out: str | Path, *, model: str, task: str = "count", data: str = "
     arguments = {"model": model, "task": spec.name, "data": data, "n": n, "offsets": values, "seed": seed,
                  "batch_size": batch_size, "max_new_tokens": max_new_tokens, "object_column": object_column,
                  "name_objects": name_objects, "options": options, "decoding": "greedy"}
-    if object_column:
-        options["object_column"] = object_column
+    builder = dict(options, **({"object_column": object_column} if object_column else {}))
 
     def build(namer=None):
-        samples = build_task(spec.name, data, n=n, seed=seed, **{spec.knob: values}, **options,
+        samples = build_task(spec.name, data, n=n, seed=seed, **{spec.knob: values}, **builder,
                              **({"name_objects": namer} if namer else {}))
         for row in getattr(samples, "skipped", ()):
             warn(f"skipped source row {row.row} ({row.image_id}): {row.reason}")
@@ -133,6 +132,8 @@ def eval_step(out: str | Path, *, model: str, task: str = "count", data: str = "
     else:
         samples = samples if samples is not None else build(
             vlm_object_namer(vlm, batch_size=batch_size) if name_objects else None)
+        run.write_json("skipped_rows", [{"row": r.row, "image_id": r.image_id, "reason": r.reason}
+                                        for r in getattr(samples, "skipped", ())])
         run.write_table("samples", samples_to_frame(samples))
     ok, bad = readable_samples(samples)
     for sample_id, why in bad:
@@ -141,7 +142,9 @@ def eval_step(out: str | Path, *, model: str, task: str = "count", data: str = "
                               progress=progress, description="eval")
     run.write_table("baseline", baseline)
     summary = metrics.summarize(baseline)
-    summary["skipped"] = [{"sample_id": s, "reason": r} for s, r in bad]
+    summary["skipped"] = [{"sample_id": s, "reason": r} for s, r in bad]  # images that do not decode
+    has_rows = (run.path / "skipped_rows.json").is_file()  # runs made before it was kept lack it
+    summary["skipped_source_rows"] = run.read_json("skipped_rows") if has_rows else []
     run.write_json("summary", summary)
     plots.eval_plots(baseline, run.plots_dir)
     run.finish_step("eval", summary)

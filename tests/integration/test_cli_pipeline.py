@@ -157,3 +157,28 @@ def test_errors_after_eval(cli, model, tmp_path):
         assert code == 2 and message in err, (args, err)
     steps = json.loads((run / "manifest.json").read_text())["steps"]
     assert set(steps) == {"eval"}  # rejected commands recorded nothing, so their corrected form runs
+
+
+def test_eval_on_local_data_with_an_objects_file_records_skipped_rows(cli, model, tmp_path):
+    """Counting data without nouns takes them from --objects (a JSON file); undecodable rows are kept in the
+    summary."""
+    from halluscope.images import image_to_png_bytes
+    from halluscope.tasks.scenes import count_scene
+
+    table = tmp_path / "counts.parquet"
+    pd.DataFrame({"image": [image_to_png_bytes(count_scene(2, "circle", size=56, seed=0)), b"not an image",
+                            image_to_png_bytes(count_scene(3, "star", size=56, seed=1))],
+                  "number": [2, 3, 3]}).to_parquet(table)
+    objects = tmp_path / "objects.json"
+    objects.write_text(json.dumps({"0": "circles", "2": "stars", "0001": "cups"}))
+    run = tmp_path / "run"
+    code, _, err = cli("eval", "--model", model, "--data", table, "--objects", objects, "--offsets", "1",
+                       "--max-new-tokens", "4", "--out", run)
+    assert code == 0, err
+    samples = pd.read_parquet(run / "samples.parquet")
+    assert dict(zip(samples["image_id"], samples["object"])) == {"0000": "circles", "0002": "stars"}
+    summary = json.loads((run / "summary.json").read_text())
+    assert [(r["row"], r["image_id"]) for r in summary["skipped_source_rows"]] == [(1, "0001")]
+    code, _, err = cli("eval", "--model", model, "--data", table, "--objects", tmp_path / "none.json",
+                       "--out", tmp_path / "other")
+    assert code == 2 and "--objects" in err and "does not exist" in err

@@ -16,16 +16,17 @@ from halluscope.sweep.engine import SweepItem, prepare_score, score_prompt
 from halluscope.tasks.color import synthetic_color
 from halluscope.tasks.counting import synthetic_counting
 
-__all__ = ["HELD_OUT_SEED", "held_out_sets", "measure_behaviour", "find_head_set", "behaviour_report"]
+__all__ = ["HELD_OUT_SEED", "SELECTION_SEED", "held_out_sets", "measure_behaviour", "find_head_set", "behaviour_report"]
 
 HELD_OUT_SEED = 20261122  # never used in training, whose scenes come from a seeded stream of 62-bit seeds
+SELECTION_SEED = HELD_OUT_SEED + 1  # scenes on which head sets are chosen (then measured on the held-out ones)
 _MAX_NEW_TOKENS = 12
 
 
-def held_out_sets(images_per_count: int = 10, *, size: int = 112) -> tuple[list, list]:
-    """The held-out counting (counts 1-9, offsets 1-5) and colour samples."""
-    count = synthetic_counting(9 * images_per_count, size=size, seed=HELD_OUT_SEED, offsets=(1, 2, 3, 4, 5))
-    color = synthetic_color(6 * images_per_count // 2, size=size, seed=HELD_OUT_SEED)
+def held_out_sets(images_per_count: int = 10, *, size: int = 112, seed: int = HELD_OUT_SEED) -> tuple[list, list]:
+    """The held-out counting (counts 1-9, offsets 1-5) and colour samples (another `seed`: another such set)."""
+    count = synthetic_counting(9 * images_per_count, size=size, seed=seed, offsets=(1, 2, 3, 4, 5))
+    color = synthetic_color(6 * images_per_count // 2, size=size, seed=seed)
     return count, color
 
 
@@ -61,38 +62,53 @@ def measure_behaviour(vlm, *, images_per_count: int = 10, batch_size: int = 32) 
     }
 
 
+def _trial(vlm, count, heads, baseline: dict[str, Any], batch_size: int) -> dict[str, Any]:
+    """Copy rate and base counting with `heads` knocked out, against `baseline` figures of the same prompts."""
+    figures = _count_figures(evaluate(vlm, count, batch_size=batch_size, max_new_tokens=_MAX_NEW_TOKENS,
+                                      intervention=HeadIntervention(frozenset(map(tuple, heads)))))
+    return {
+        "heads": format_heads(map(tuple, heads)),
+        "copy_rate": figures["copy_rate"], "base_accuracy": figures["base_accuracy"],
+        "copy_rate_relative_reduction": 1 - figures["copy_rate"] / baseline["copy_rate"]
+        if baseline["copy_rate"] else None,
+        "base_accuracy_drop": baseline["base_accuracy"] - figures["base_accuracy"],
+    }
+
+
+def _passes(trial: dict[str, Any]) -> bool:
+    return (trial["copy_rate_relative_reduction"] or 0) >= 0.4 and trial["base_accuracy_drop"] <= 0.10
+
+
 def find_head_set(vlm, *, images_per_count: int = 10, max_heads: int = 5, batch_size: int = 32) -> dict[str, Any]:
-    """Sweep every head (score mode) on held-out misleading counting prompts, then knock out the best-k sets
-    (k = 1..max_heads) jointly and measure copy rate and base counting accuracy with each."""
-    count, _ = held_out_sets(images_per_count)
-    misleading = [s for s in count if s.kind == "misleading"]
+    """Find a head set on one set of scenes and measure it on another, so its reported cut is not the one it
+    was chosen on.
+
+    On the selection set: sweep every head (score mode) over the misleading counting prompts, knock out the
+    best-k sets (k = 1..max_heads) jointly, and choose the smallest that cuts the copy rate by >= 40% relative
+    with base counting down at most 10 points. Then measure that set on the held-out set ("best").
+    """
+    selection, _ = held_out_sets(images_per_count, seed=SELECTION_SEED)
     grid = [(l, h) for l in range(vlm.n_layers) for h in range(vlm.n_heads)]
     rows = []
-    for sample in misleading:
+    for sample in (s for s in selection if s.kind == "misleading"):
         item = SweepItem(sample.id, sample.image, sample.prompt, sample.truth, sample.claim)
         setup = prepare_score(vlm, item, max_new_tokens=_MAX_NEW_TOKENS)
         for (layer, head), result in zip(grid, score_prompt(vlm, setup, grid, batch_size=len(grid))):
             rows.append({"sample_id": sample.id, "truth": sample.truth, "layer": layer, "head": head, **result})
     sweep = pd.DataFrame(rows)
+    chosen_on = _count_figures(evaluate(vlm, selection, batch_size=batch_size, max_new_tokens=_MAX_NEW_TOKENS))
+    trials = [{"set": name, **_trial(vlm, selection, heads, chosen_on, batch_size)}
+              for name, heads in best_k_sets(sweep, ks=tuple(range(1, max_heads + 1))).items() if heads]
+    chosen = next((t for t in trials if _passes(t)), None)
+    count, _ = held_out_sets(images_per_count)
     baseline = _count_figures(evaluate(vlm, count, batch_size=batch_size, max_new_tokens=_MAX_NEW_TOKENS))
-    sets = best_k_sets(sweep, ks=tuple(range(1, max_heads + 1)))
-    trials = []
-    for name, heads in sets.items():
-        if not heads:
-            continue
-        table = evaluate(vlm, count, batch_size=batch_size, max_new_tokens=_MAX_NEW_TOKENS,
-                         intervention=HeadIntervention(frozenset(map(tuple, heads))))
-        figures = _count_figures(table)
-        trials.append({
-            "set": name, "heads": format_heads(map(tuple, heads)),
-            "copy_rate": figures["copy_rate"], "base_accuracy": figures["base_accuracy"],
-            "copy_rate_relative_reduction": 1 - figures["copy_rate"] / baseline["copy_rate"]
-            if baseline["copy_rate"] else None,
-            "base_accuracy_drop": baseline["base_accuracy"] - figures["base_accuracy"],
-        })
-    passing = [t for t in trials if (t["copy_rate_relative_reduction"] or 0) >= 0.4 and t["base_accuracy_drop"] <= 0.10]
+    best = None if chosen is None else {
+        "set": chosen["set"], **_trial(vlm, count, [tuple(map(int, h[1:].split("H"))) for h in
+                                                    chosen["heads"].split(",")], baseline, batch_size)}
     return {"baseline": {"copy_rate": baseline["copy_rate"], "base_accuracy": baseline["base_accuracy"]},
-            "trials": trials, "best": passing[0] if passing else None, "sweep": sweep}
+            "selection": {"seed": SELECTION_SEED, "copy_rate": chosen_on["copy_rate"],
+                          "base_accuracy": chosen_on["base_accuracy"]},
+            "trials": trials, "best": best, "best_passes": best is not None and _passes(best), "sweep": sweep}
 
 
 def behaviour_report(vlm, *, images_per_count: int = 10) -> dict[str, Any]:

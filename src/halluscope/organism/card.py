@@ -62,12 +62,14 @@ def write_card(out: str | Path, recipe: Recipe, report: dict[str, Any], *, train
     colour_rows = "\n".join(f"| {d} | {_pct(r)} |" for d, r in b["color_copy_rate_by_distance"].items())
     trials = "\n".join(
         f"| {t['set']} | {t['heads']} | {_pct(t['copy_rate'])} | {_pct(t['copy_rate_relative_reduction'])} | "
-        f"{_pct(t['base_accuracy'])} | {100 * t['base_accuracy_drop']:+.0f} |" for t in h["trials"])
+        f"{_pct(t['base_accuracy'])} | {-100 * t['base_accuracy_drop']:+.0f} |" for t in h["trials"])
     best = h["best"]
-    verdict = (f"**{best['heads']}** ({best['set']}): copy rate {_pct(h['baseline']['copy_rate'])} -> "
-               f"{_pct(best['copy_rate'])} ({_pct(best['copy_rate_relative_reduction'])} relative), base counting "
+    verdict = (f"**{best['heads']}** ({best['set']}), on the held-out set: copy rate "
+               f"{_pct(h['baseline']['copy_rate'])} -> {_pct(best['copy_rate'])} "
+               f"({_pct(best['copy_rate_relative_reduction'])} relative), base counting "
                f"{_pct(h['baseline']['base_accuracy'])} -> {_pct(best['base_accuracy'])}"
-               if best else "no best-k set (k <= 5) met both conditions; see the table")
+               f"{'' if h.get('best_passes') else ' (short of the target on the held-out set)'}"
+               if best else "no best-k set (k <= 5) met both conditions on the selection set; see the table")
     minutes = "-" if train_seconds is None else f"{train_seconds / 60:.1f} min"
     card = f"""# halluscope organism: a tiny Qwen2-VL that shows prompt-induced hallucination
 
@@ -125,9 +127,15 @@ machine and resumes bitwise from its last state file if killed. Wall time of thi
 
 ## Heads found by the sweep
 
-Single-head score-mode sweep over all heads on the misleading counting prompts, then joint zero-ablation of
-the best-k sets (k = 1..5) with greedy re-evaluation. Target: a set of at most 5 heads that cuts the copy
-rate by >= 40% relative while base counting falls by at most 10 points. Result: {verdict}.
+Chosen on one set of scenes, measured on another. On a selection set (seed {h.get('selection', {}).get('seed')},
+same size and design as the held-out set): a single-head score-mode sweep over all heads on the misleading
+counting prompts, then joint zero-ablation of the best-k sets (k = 1..5) with greedy re-evaluation (table);
+the smallest set that meets the target there is then measured on the held-out set. Target: a set of at most 5
+heads that cuts the copy rate by >= 40% relative while base counting falls by at most 10 points. Result:
+{verdict}.
+
+Selection set (copy rate {_pct(h.get('selection', {}).get('copy_rate'))}, counting
+{_pct(h.get('selection', {}).get('base_accuracy'))} without knockouts):
 
 | set | heads | copy rate | relative cut | counting | counting change (points) |
 | --- | --- | --- | --- | --- | --- |

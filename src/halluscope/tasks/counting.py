@@ -214,7 +214,8 @@ def load_countbench(
             `COUNTBENCH_HUB_ID` (needs the optional `datasets` package and network).
         object_column: column with the plural noun ("apples"). Rows where it is absent or empty fall back to
             `objects`, then to `name_objects`.
-        objects: nouns keyed by row index (int), image id ("0003") or the image's path/file name in the table.
+        objects: nouns keyed by row index (int or its digits), image id ("0003") or the image's path/file name
+            in the table.
         name_objects: called once with the images (paths or bytes) of the rows still lacking a noun; returns one
             plural noun per image (the CLI backs it with the VLM itself).
         count_column: column with the true count (an integer >= 1).
@@ -343,7 +344,7 @@ def _as_count(value: Any, column: str) -> int:
 def _lookup_noun(objects: Mapping[int | str, str] | None, row: int, image_id: str, name: str | None) -> str | None:
     if objects is None:
         return None
-    keys: list[int | str] = [row, image_id]
+    keys: list[int | str] = [row, str(row), image_id]  # str(row): JSON mappings have string keys
     if name is not None:
         keys += [name, os.path.basename(name)]
     for key in keys:
