@@ -252,7 +252,6 @@ def attention_maps(vlm, prompts: Sequence, heads, *, on_prompt: Callable[[], Non
     Example:
         >>> maps = attention_maps(vlm, run_prompts(baseline, samples, limit=5), {(0, 3)})
     """
-    from halluscope.images import open_image
     from halluscope.interventions.heads import HeadIntervention
 
     heads = sorted(frozenset(heads))
@@ -267,7 +266,7 @@ def attention_maps(vlm, prompts: Sequence, heads, *, on_prompt: Callable[[], Non
         batch = vlm.encode([(prompt.image, prompt.prompt)])
         position = batch.seq_len - 1
         classes = token_classes(vlm, batch, [prompt.prompt])[0]
-        layout = json.dumps([asdict(g) for g in image_layout(vlm, batch, 0, open_image(prompt.image).size)])
+        layout = json.dumps([asdict(g) for g in image_layout(vlm, batch, 0, vlm.prepared_image(prompt.image).size)])
         weights = query_attention(vlm, batch, [[position]], layers=list(by_layer),
                                   reduce=lambda layer, w: w[0, by_layer[layer], 0].cpu())
         image = (classes == TOKEN_CLASSES.index("image")).numpy()

@@ -167,7 +167,8 @@ class VLM:
             messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
         )
 
-    def _image(self, image: ImageLike) -> Image.Image:
+    def prepared_image(self, image: ImageLike) -> Image.Image:
+        """The image as `encode` hands it to the processor: decoded, and upscaled if below the family's minimum."""
         img = open_image(image)
         side = self.family.min_image_side
         if min(img.size) < side:  # e.g. an 8x8 icon: upscale so the processor accepts it
@@ -195,7 +196,7 @@ class VLM:
                                  f"(path, bytes or PIL.Image)")
             if not isinstance(prompt, str) or not prompt.strip():
                 raise InputError(f"pair {i} has an empty or non-text prompt {prompt!r}; pass a non-empty string")
-            images.append(self._image(image))
+            images.append(self.prepared_image(image))
             texts.append(self.render(prompt))
         inputs = self.processor(text=texts, images=[[img] for img in images], padding=True, return_tensors="pt")
         inputs = {

@@ -109,7 +109,8 @@ machine and resumes bitwise from its last state file if killed. Wall time of thi
 {DESIGN_NOTES}
 ## Measured behaviour (held-out synthetic set, greedy decoding)
 
-{b['n_count_prompts']} counting prompts (10 images per count, seed {report.get('held_out_seed')}) and
+{b['n_count_prompts']} counting prompts (10 images per count, seed {report.get('held_out_seed')}: the base
+question, the truthful control and misleading offsets +1..+5, so copy rates are over offsets 1-5) and
 {b['n_color_prompts']} colour prompts.
 
 - base-question counting accuracy: **{_pct(b['base_accuracy'])}** (target >= 80%)
