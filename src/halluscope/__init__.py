@@ -3,8 +3,8 @@
 The common things, in three lines:
 
     >>> import halluscope
-    >>> vlm = halluscope.load_vlm("Qwen/Qwen2-VL-7B-Instruct")
-    >>> vlm.generate(vlm.encode([("dogs.jpg", "Describe the 7 dogs in this image.")]))
+    >>> vlm = halluscope.load_vlm("Qwen/Qwen2-VL-7B-Instruct")  # or "organism", the built-in tiny model
+    >>> vlm.generate(vlm.encode([("dogs.jpg", "Describe the 7 dogs in this image.")]))  # any image path
 
 Names are imported on first use, so `import halluscope` stays cheap.
 """

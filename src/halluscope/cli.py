@@ -317,10 +317,10 @@ def _write_card(out: Path, recipe, seconds, command: str) -> None:
 # ---- demo -----------------------------------------------------------------------------------------------
 @app.command("demo")
 def demo(out: Path = typer.Option(Path("runs/demo"), "--out", help="Run directory to write."),
-         n: int = typer.Option(36, "--n", help="Synthetic images (4 misleading offsets + base + control each)."),
+         n: int = typer.Option(36, "--n", help="Synthetic images (5 misleading offsets + base + control each)."),
          force: bool = typer.Option(False, "--force", help="Overwrite a different run in --out.")) -> None:
     """The whole PIH pipeline on the built-in organism: eval, sweep, rank, confirm, ablate, attention, probs,
-    and report.md. Offline, a few minutes on a laptop CPU; rerunning resumes.
+    and report.md. Offline, about a minute on a 2-core CPU; rerunning resumes.
 
     Example: halluscope demo --out runs/demo
     """

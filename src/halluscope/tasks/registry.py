@@ -28,7 +28,7 @@ class TaskSpec:
         hub_id: the dataset the reference study used, accepted as `data`.
         version: bumped whenever prompts or builders change what a task produces.
         aliases: other accepted names.
-        description: one line for `halluscope ls`.
+        description: a one-line summary of what the task asks.
     """
 
     name: str
