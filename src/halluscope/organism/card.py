@@ -37,18 +37,6 @@ def _pct(value: Any) -> str:
     return "-" if value is None else f"{100 * float(value):.0f}%"
 
 
-def _idle_estimate(out: Path, steps: int) -> str:
-    """Training time extrapolated from the fastest logged stretch (other work on the machine slows the rest)."""
-    log = out / "trainlog.json"
-    history = json.loads(log.read_text()).get("history", []) if log.is_file() else []
-    rates = [(b["seconds"] - a["seconds"]) / (b["step"] - a["step"]) for a, b in zip(history, history[1:])]
-    if not rates:
-        return ""
-    fastest = min(rates)
-    return (f" At the fastest logged rate ({fastest:.2f} s/step, when nothing else ran) the recipe takes about "
-            f"{fastest * steps / 60:.0f} min.")
-
-
 def write_card(out: str | Path, recipe: Recipe, report: dict[str, Any], *, train_seconds: float | None,
                command: str) -> Path:
     """Write MODEL_CARD.md and behaviour.json into `out`; returns the card's path."""
@@ -101,8 +89,8 @@ Mixture (count base / control / misleading, colour base / control / misleading):
 Seed {recipe.seed}, {recipe.steps} steps x batch {recipe.batch_size}, AdamW (lr {recipe.lr}, warm-up
 {recipe.warmup}, cosine to {recipe.final_lr_fraction:.0%}), weight decay {recipe.weight_decay}, DropHead
 {recipe.drophead}, {recipe.threads} threads. Training is deterministic for a seed and thread count on one
-machine and resumes bitwise from its last state file if killed. Wall time of this build: {minutes}
-(on a 2-core machine shared with other work).{_idle_estimate(out, recipe.steps)}
+machine and resumes bitwise from its last state file if killed. Training time of this build: {minutes} on
+2 CPU cores.
 
 ### Design history
 

@@ -25,11 +25,11 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from num2words import num2words
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from halluscope.answers import classify_reply, first_colour, parse_number
 from halluscope.errors import InputError
 from halluscope.interventions.heads import HeadHooks, HeadIntervention
+from halluscope.sweep.cache import pack_caches
 
 __all__ = ["SweepItem", "answer_decided", "ScoreSetup", "prepare_score", "score_prompt",
            "GenerateSetup", "prepare_generate", "generate_prompt", "naive_score", "naive_generate"]
@@ -543,14 +543,14 @@ class _Knockouts:
         """Teacher-force the rest of the clean reply through the whole model from the rows' caches."""
         setup, k = self.setup, self.setup.checked
         rest = setup.sequence[k - 1:-1]
-        cache, mask, width = _pack(self.vlm, group, len(rest))
+        cache, mask, width = pack_caches([e.kv for e in group], len(rest))
         self.hooks.set(_coefficients(self.vlm, [e.head for e in group], self.alpha), mode=self.mode)
         offsets = torch.arange(k, k + len(rest), device=mask.device).expand(len(group), -1)
         ids = torch.tensor([rest], device=mask.device).expand(len(group), -1)
         normed = self.vlm.text_model(input_ids=ids, attention_mask=torch.cat([mask, torch.ones_like(ids)], 1),
                                      position_ids=setup.positions(offsets), past_key_values=cache,
                                      use_cache=True).last_hidden_state
-        buffers = [layer._buffers for layer in cache.layers]
+        buffers = [layer.buffers for layer in cache.layers]
         for r, (entry, found) in enumerate(zip(group, _first_divergence(self.vlm, normed, self.target[k:]))):
             if found is None:
                 self.replies[entry.index] = list(setup.clean)
@@ -583,61 +583,13 @@ def _verify_then_continue(vlm, setup: GenerateSetup, heads, mode, alpha, means, 
     return state.replies  # type: ignore[return-value]
 
 
-class _BufferedLayer(DynamicLayer):
-    """A cache layer whose keys and values live in buffers allocated once for the whole decode: each step
-    writes its positions in place instead of concatenating (which copies the whole cache every step)."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
-        super().__init__()
-        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-        self._buffers, self._length = (keys, values), length
-        self._expose()
-
-    def _expose(self) -> None:
-        self.keys, self.values = (b[:, :, :self._length] for b in self._buffers)
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        end = self._length + key_states.shape[-2]
-        self._buffers[0][:, :, self._length:end] = key_states
-        self._buffers[1][:, :, self._length:end] = value_states
-        self._length = end
-        self._expose()
-        return self.keys, self.values
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._buffers = tuple(b[indices] for b in self._buffers)
-        self._expose()
-
-
-def _pack(vlm, group: list[_Row], extra: int) -> tuple[DynamicCache, torch.Tensor, int]:
-    """One batched cache of the rows' caches, left-padded to the longest, with room for `extra` positions;
-    returns it, the attention mask over the cached positions [rows, width] and the width."""
-    lengths = [e.kv[0][0].shape[2] for e in group]
-    width = max(lengths)
-    cache = DynamicCache()
-    for layer in range(vlm.n_layers):
-        shape = group[0].kv[layer][0].shape  # [1, kv_heads, length, head_dim]
-        keys, values = (torch.empty(len(group), shape[1], width + extra, shape[3], dtype=vlm.dtype,
-                                    device=vlm.device) for _ in range(2))
-        for r, entry in enumerate(group):
-            pad = width - lengths[r]
-            for buffer, data in zip((keys, values), entry.kv[layer]):
-                buffer[r, :, :pad] = 0  # masked, but must be finite: softmax weight 0 times NaN is NaN
-                buffer[r, :, pad:width] = data[0]
-        cache.layers.append(_BufferedLayer(keys, values, width))
-    mask = torch.zeros(len(group), width, dtype=torch.long, device=vlm.device)
-    for r, n in enumerate(lengths):
-        mask[r, width - n:] = 1
-    return cache, mask, width
-
-
 @torch.inference_mode()
 def _continue(vlm, setup: GenerateSetup, group: list[_Row], hooks: HeadHooks, mode: str, alpha: float,
               max_new_tokens: int) -> list[list[int]]:
     """Greedy decoding of diverged knockouts from their caches, batched, each row leaving the batch once its
     reply ends or its answer is decided."""
     item, enders, device = setup.item, vlm.end_token_ids, vlm.device
-    cache, mask, _ = _pack(vlm, group, max_new_tokens)
+    cache, mask, _ = pack_caches([e.kv for e in group], max_new_tokens)
     mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
     # row r's next token sits at sequence index prompt_len + len(reply) - 1, i.e. offset len(reply)
     offsets = torch.tensor([[len(e.reply)] for e in group], device=device)
