@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from halluscope.errors import InputError
+from halluscope.plots import _no_data, _require, _save  # the shared figure helpers
 
 __all__ = [
     "attention_plots",
@@ -39,26 +40,6 @@ def _figure(n_panels: int, width: float = 4.2, height: float = 3.6, rows: int = 
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, cols, squeeze=False).ravel().tolist()
     return fig, axes
-
-
-def _save(fig: Figure, path: PathLike) -> Path:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png", dpi=110)
-    fig.clear()
-    return out
-
-
-def _require(table: pd.DataFrame, columns: Sequence[str], what: str, fix: str) -> None:
-    if not isinstance(table, pd.DataFrame):
-        raise InputError(f"{what} expects a pandas DataFrame, got {type(table).__name__}; {fix}")
-    missing = [c for c in columns if c not in table.columns]
-    if missing:
-        raise InputError(f"{what}: table lacks column(s) {missing} (has {list(table.columns)}); {fix}")
-
-
-def _no_data(ax: Axes) -> None:
-    ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="grey")
 
 
 def _weighted(sub: pd.DataFrame, column: str, by: Sequence[str]) -> pd.Series:

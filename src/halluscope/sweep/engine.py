@@ -494,14 +494,13 @@ class _Knockouts:
         self.replies: list[list[int] | None] = [None] * len(heads)
         self.drafts: list[_Row] = []
         self.pending: list[_Row] = []
-        self.enders = vlm.end_token_ids
         self.target = torch.tensor(setup.sequence)
 
     def diverged(self, index: int, j: int, token: int, kv: Callable[[int], list]) -> None:
         """Row `index` agrees with the clean reply up to position j and picks `token` there; `kv(n)` gives its
         cache over the first n positions."""
         reply = self.setup.sequence[:j] + [token]
-        if token in self.enders:
+        if token in self.vlm.end_token_ids:
             self.replies[index] = reply[:-1]
         elif len(reply) >= self.max_new_tokens or self.setup.item.decided(
                 self.vlm.tokenizer.decode(reply, skip_special_tokens=True)):
