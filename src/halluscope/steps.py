@@ -41,12 +41,43 @@ def load_model(name: str):
 
 def run_model(run: Run, vlm=None):
     """The model a run was made with (reloaded unless given), checked against the run's weight fingerprint."""
-    info = run.manifest.get("model") or {}
+    manifest = run.manifest
+    info = manifest.get("model") or {}
     vlm = vlm if vlm is not None else load_model(info.get("name", ""))
-    if info.get("fingerprint") and vlm.fingerprint() != info["fingerprint"]:
+    if info.get("fingerprint") and not _same_model(vlm, info, manifest):
         raise RunError(f"the weights of {info.get('name')!r} changed since {run.path} was made "
                        f"(fingerprint {vlm.fingerprint()} vs {info['fingerprint']}); start a new run")
     return vlm
+
+
+def _same_model(vlm, info: dict, manifest: dict) -> bool:
+    """Whether `vlm` is the model the run recorded; a run made before fingerprint scheme 2 is checked against
+    its legacy fingerprint, re-created from the transformers version and model path its manifest recorded."""
+    from halluscope.models.fingerprint import SCHEME, legacy_fingerprint
+
+    if info.get("fingerprint_scheme") == SCHEME:
+        return vlm.fingerprint() == info["fingerprint"]
+    version = (manifest.get("environment") or {}).get("packages", {}).get("transformers")
+    if not version:
+        return False
+    return info["fingerprint"] in {legacy_fingerprint(vlm.model, transformers_version=version, name_or_path=path)
+                                   for path in _legacy_paths(vlm, info, manifest)}
+
+
+def _legacy_paths(vlm, info: dict, manifest: dict) -> set[str]:
+    """The `_name_or_path` values a legacy fingerprint may have hashed: the recorded name, it relative to the
+    recorded working directory, the organism's directory, and the path the model was loaded from now."""
+    import os
+
+    name = info.get("name", "")
+    paths = {name, vlm.model.config._name_or_path}
+    if name == "organism":
+        from halluscope.organism import organism_path
+
+        paths.add(str(organism_path()))
+    elif os.path.isabs(name) and manifest.get("cwd"):
+        paths.add(os.path.relpath(name, manifest["cwd"]))
+    return paths
 
 
 def load_means(run: Run, mode: str):

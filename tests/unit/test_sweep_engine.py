@@ -194,3 +194,19 @@ def test_reference_mean_in_score_mode_averages_and_edits_the_prompt_only():
     out = hooks._hook(0)(None, (x,))[0]
     assert torch.equal(out[0, 1:4], x[0, 1:4].mean(0).expand(3, -1))  # prompt: its own mean
     assert torch.equal(out[0, 4:], x[0, 4:]) and torch.equal(out[0, 0], x[0, 0])  # reply and padding untouched
+
+
+def test_batch_of_one_equals_naive_loop(vlm):
+    """One knockout per forward (the chunk shape that hid a dropped cache under transformers 5.24): both modes
+    still equal the naive loop."""
+    item = _item()
+    heads = _grid(vlm)[: vlm.n_heads + 1]  # a whole layer and one head of the next
+    setup = prepare_score(vlm, item, max_new_tokens=10)
+    fast = score_prompt(vlm, setup, heads, batch_size=1)
+    slow = naive_score(vlm, setup, heads)
+    assert [f["outcome"] for f in fast] == [s["outcome"] for s in slow]
+    for f, s in zip(fast, slow):
+        for key in (k for k in s if k.startswith("logit_diff")):
+            assert abs(f[key] - s[key]) <= 1e-4
+    assert generate_prompt(vlm, item, heads, mode="scale", alpha=0.5, batch_size=1, max_new_tokens=10) == \
+        naive_generate(vlm, item, heads, mode="scale", alpha=0.5, max_new_tokens=10)

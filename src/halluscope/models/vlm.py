@@ -7,7 +7,6 @@ forwards and greedy generation, and gives named access to the modules interventi
 from __future__ import annotations
 
 import functools
-import hashlib
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -21,6 +20,8 @@ from transformers import GenerationConfig
 from halluscope.errors import InputError, ModelLoadError
 from halluscope.images import ImageLike, open_image
 from halluscope.models.families import Family
+from halluscope.models.fingerprint import SCHEME as FINGERPRINT_SCHEME
+from halluscope.models.fingerprint import fingerprint
 
 __all__ = ["Batch", "VLM"]
 
@@ -94,22 +95,14 @@ class VLM:
             "name": self.name, "family": self.family.name, "class": type(self.model).__name__,
             "n_layers": self.n_layers, "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads,
             "head_dim": self.head_dim, "dtype": str(self.dtype).removeprefix("torch."),
-            "fingerprint": self.fingerprint(),
+            "fingerprint": self.fingerprint(), "fingerprint_scheme": FINGERPRINT_SCHEME,
         }
 
-    @torch.inference_mode()
     def fingerprint(self) -> str:
-        """A short hash of the config and every weight tensor (its name, shape, sum and first values), computed
-        once per loaded model, in chunks so that a 7B model needs no full-size temporary copy."""
-        if self._fingerprint is not None:
-            return self._fingerprint
-        digest = hashlib.sha256(self.model.config.to_json_string(use_diff=False).encode())
-        for name, tensor in self.model.state_dict().items():
-            flat = tensor.detach().flatten()
-            total = sum(chunk.sum(dtype=torch.float64).item() for chunk in flat.split(1 << 22))
-            digest.update(f"{name}{tuple(tensor.shape)}{total:.6e}".encode())
-            digest.update(flat[:8].double().cpu().numpy().tobytes())
-        self._fingerprint = digest.hexdigest()[:16]
+        """A short hash of the weights and the config fields that change the computation (see
+        `models.fingerprint`), computed once per loaded model."""
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.model)
         return self._fingerprint
 
     # ---- modules -------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from transformers import DynamicCache
 from halluscope.answers import classify_reply, first_colour, parse_number
 from halluscope.errors import InputError
 from halluscope.interventions.heads import HeadHooks, HeadIntervention
+from halluscope.models.compat import cache_argument, output_cache, with_cache
 from halluscope.sweep.cache import pack_caches
 
 __all__ = ["SweepItem", "answer_decided", "ScoreSetup", "prepare_score", "score_prompt",
@@ -259,7 +260,7 @@ class _LayerInputs:
         finally:
             for h in handles:
                 h.remove()
-        self.cache = out.past_key_values if keep_cache else None
+        self.cache = output_cache(out) if keep_cache else None
 
     @torch.inference_mode()
     def run_from(self, layer: int, rows: int, positions: int = 1, cache: Any = None) -> torch.Tensor:
@@ -272,7 +273,7 @@ class _LayerInputs:
         MLP runs on the last `positions` positions only: nothing reads the others after it.
         """
         args, kwargs = self.inputs[layer]
-        kwargs = dict(kwargs, past_key_values=cache)
+        kwargs = with_cache(self.vlm.layers[layer], kwargs, cache)
         hidden = kwargs.pop("hidden_states") if "hidden_states" in kwargs else args[0]
         hidden = hidden.expand(rows, -1, -1)  # the other inputs have batch 1 and broadcast over the rows
         with _clean_attention(self.vlm, layer, self.heads[layer].expand(rows, -1, -1)), \
@@ -547,8 +548,8 @@ class _Knockouts:
         offsets = torch.arange(k, k + len(rest), device=mask.device).expand(len(group), -1)
         ids = torch.tensor([rest], device=mask.device).expand(len(group), -1)
         normed = self.vlm.text_model(input_ids=ids, attention_mask=torch.cat([mask, torch.ones_like(ids)], 1),
-                                     position_ids=setup.positions(offsets), past_key_values=cache,
-                                     use_cache=True).last_hidden_state
+                                     position_ids=setup.positions(offsets), use_cache=True,
+                                     **{cache_argument(self.vlm.text_model): cache}).last_hidden_state
         buffers = [layer.buffers for layer in cache.layers]
         for r, (entry, found) in enumerate(zip(group, _first_divergence(self.vlm, normed, self.target[k:]))):
             if found is None:
@@ -600,7 +601,7 @@ def _continue(vlm, setup: GenerateSetup, group: list[_Row], hooks: HeadHooks, mo
     hooks.set(coef, mode=mode)
     for step in range(max_new_tokens):
         hidden = vlm.text_model(input_ids=tokens, attention_mask=mask, position_ids=setup.positions(offsets + step),
-                                past_key_values=cache, use_cache=True).last_hidden_state
+                                use_cache=True, **{cache_argument(vlm.text_model): cache}).last_hidden_state
         chosen = vlm.lm_head(hidden[:, -1]).argmax(-1).tolist()
         growing = []
         for r, token in zip(slots, chosen):
