@@ -11,9 +11,15 @@ and the full layer x head grid, it times
 - the engine in score mode (answer-position logits, prefix reuse, batched heads) and generate mode
   (verification against the baseline reply, batched cached decoding of diverging rows, early stop);
 
+- attribution patching (`atp`: every head estimated from one forward and backward per answer form; `atp-star`:
+  with GradDrop's extra backward passes), alone and with the exact score-mode verification of atp-star's top 10
+  heads per prompt;
+
 checks that generate mode gives the reference loop's outcomes exactly (and reports score-mode agreement), and
-prints heads per second for each and their ratio, ending with `speedup score=<x>x generate=<y>x`. A line before
-it gives the ratios with the baseline evaluation charged to the engine alone.
+prints heads per second for each and the median over prompts of its speed-up against the reference loop (the
+methods run interleaved, prompt by prompt), ending with `speedup score=<x>x generate=<y>x atp-star=<z>x`. Lines
+before it give the ratios with the baseline evaluation charged to the engine alone, and atp-star's with its
+verification included.
 
     python benchmarks/sweep.py [--prompts 2] [--threads 2] [--model 70m|organism]
 """
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -88,6 +95,7 @@ def main() -> None:
 
     from halluscope.evaluation import evaluate
     from halluscope.models.load import load_vlm
+    from halluscope.sweep.attribution import attribution_scores
     from halluscope.sweep.engine import generate_prompt, prepare_score, score_prompt
     from halluscope.sweep.runner import sweep_items
     from halluscope.tasks.counting import synthetic_counting
@@ -110,19 +118,39 @@ def main() -> None:
     items = sweep_items(baseline, {s.id: s.image for s in samples})
     print(f" baseline: {baseline_time:8.2f} s  (evaluation of the prompts; input of both sweeps)")
 
-    timings, results = {}, {}
-    for name, run in (
-        ("reference", lambda it: reference_loop(vlm, it, grid, args.max_new_tokens)),
-        ("score", lambda it: [r["outcome"] for r in score_prompt(
-            vlm, prepare_score(vlm, it, max_new_tokens=args.max_new_tokens), grid, batch_size=args.batch_size)]),
-        ("generate", lambda it: [r["outcome"] for r in generate_prompt(
-            vlm, it, grid, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)]),
-    ):
-        start = time.perf_counter()
-        results[name] = [run(item) for item in items]
-        timings[name] = time.perf_counter() - start
-        rate = len(items) * len(grid) / timings[name]
-        print(f"{name:>9}: {timings[name]:8.2f} s  {rate:8.1f} heads/s")
+    def atp_star(item, verify: int = 0):
+        setup = prepare_score(vlm, item, max_new_tokens=args.max_new_tokens)
+        estimates, _ = attribution_scores(vlm, setup, estimator="atp-star")
+        effect = sum(estimates.values()) / len(estimates)
+        if not verify:
+            return effect
+        top = sorted(grid, key=lambda lh: -float(effect[lh]))[:verify]
+        return score_prompt(vlm, setup, sorted(top), batch_size=args.batch_size)
+
+    methods = {
+        "reference": lambda it: reference_loop(vlm, it, grid, args.max_new_tokens),
+        "score": lambda it: [r["outcome"] for r in score_prompt(
+            vlm, prepare_score(vlm, it, max_new_tokens=args.max_new_tokens), grid, batch_size=args.batch_size)],
+        "generate": lambda it: [r["outcome"] for r in generate_prompt(
+            vlm, it, grid, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)],
+        "atp": lambda it: attribution_scores(vlm, prepare_score(vlm, it, max_new_tokens=args.max_new_tokens),
+                                             estimator="atp"),
+        "atp-star": atp_star,
+        "atp-star+verify10": lambda it: atp_star(it, verify=10),
+    }
+    # interleaved: every method runs on a prompt before the next prompt (in a rotating order), so a change in
+    # the machine's load hits all of them alike; ratios are per prompt, reported as medians
+    timings = {name: [] for name in methods}
+    results = {name: [] for name in methods}
+    names = list(methods)
+    for index, item in enumerate(items):
+        for name in names[index % len(names):] + names[:index % len(names)]:
+            start = time.perf_counter()
+            results[name].append(methods[name](item))
+            timings[name].append(time.perf_counter() - start)
+    for name in names:
+        rate = len(items) * len(grid) / sum(timings[name])
+        print(f"{name:>17}: {sum(timings[name]):8.2f} s  {rate:8.1f} heads/s")
 
     if results["generate"] != results["reference"]:
         raise SystemExit("generate mode disagrees with the reference loop: the engine is not exact")
@@ -131,11 +159,20 @@ def main() -> None:
     print(f"generate-mode outcomes equal the reference loop's; score-mode outcomes agree on {agree:.0%} "
           f"(score mode reads the answer after the clean reply's words, so it can differ where a knockout "
           f"changes those words)")
-    charged = {name: timings["reference"] / (timings[name] + baseline_time) for name in ("score", "generate")}
-    print(f"with the baseline evaluation charged to the engine alone: score={charged['score']:.1f}x "
-          f"generate={charged['generate']:.1f}x")
-    print(f"speedup score={timings['reference'] / timings['score']:.1f}x "
-          f"generate={timings['reference'] / timings['generate']:.1f}x")
+
+    def speedup(name: str, charge: float = 0.0) -> float:
+        """Median over prompts of reference time / method time (plus `charge` per prompt)."""
+        return statistics.median(r / (t + charge) for r, t in zip(timings["reference"], timings[name]))
+
+    share = baseline_time / len(items)
+    print(f"with the baseline evaluation charged to the engine alone: score={speedup('score', share):.1f}x "
+          f"generate={speedup('generate', share):.1f}x atp-star={speedup('atp-star', share):.1f}x")
+    print(f"atp-star with the exact verification of its top 10 heads per prompt: "
+          f"{speedup('atp-star+verify10'):.1f}x")
+    print(f"plain atp (no GradDrop): {speedup('atp'):.1f}x")
+    print(f"speedup score={speedup('score'):.1f}x generate={speedup('generate'):.1f}x "
+          f"atp-star={speedup('atp-star'):.1f}x")
+
 
 if __name__ == "__main__":
     main()

@@ -35,3 +35,18 @@ def vlm(tiny_dirs, family):
     if family not in _LOADED:
         _LOADED[family] = load_vlm(tiny_dirs[family])
     return _LOADED[family]
+
+
+@pytest.fixture(scope="session")
+def split_dirs(tmp_path_factory):
+    """family -> directory of a tiny checkpoint whose tokenizer spells number and colour words in 2-4 tokens."""
+    return build_tiny_models(tmp_path_factory.mktemp("tiny-split"), split_answer_words=True)
+
+
+@pytest.fixture
+def split_vlm(split_dirs, family):
+    """The tiny VLM of `family` with answer words split into pieces, loaded once per session."""
+    key = f"{family}-split"
+    if key not in _LOADED:
+        _LOADED[key] = load_vlm(split_dirs[family])
+    return _LOADED[key]

@@ -25,8 +25,9 @@ __all__ = ["attention", "attention_maps", "probs", "lens"]
 _RUN = typer.Option(..., "--run", help="An eval run directory.")
 _HEADS_HELP = "A named set from rank (best3, top1) or L0H3,L11H15."
 _CONDITIONS = typer.Option(None, "--conditions", help="Only these conditions, e.g. base,+1.")
-_LIMIT = typer.Option(None, "--limit", help="Only the first N prompts.")
-_BUDGET = typer.Option(None, "--max-new-tokens", help="Reply budget up to the answer (default: the eval run's).")
+_LIMIT = typer.Option(None, "--limit", min=1, help="Only the first N prompts.")
+_BUDGET = typer.Option(None, "--max-new-tokens", min=1,
+                       help="Reply budget up to the answer (default: the eval run's).")
 _FORCE = typer.Option(False, "--force", help="Redo the step with different arguments.")
 
 
@@ -59,7 +60,7 @@ def attention(run_dir: Path = _RUN,
 @app.command("attention-maps")
 def attention_maps(run_dir: Path = _RUN,
                    heads: str = typer.Option(..., "--heads", help=_HEADS_HELP),
-                   samples: int = typer.Option(20, "--samples", help="How many prompts to map (the first N)."),
+                   samples: int = typer.Option(20, "--samples", min=1, help="How many prompts to map (the first N)."),
                    conditions: Optional[str] = _CONDITIONS, force: bool = _FORCE) -> None:
     """Full attention rows of the last prompt position for chosen heads, and maps over the image (no ablation).
 

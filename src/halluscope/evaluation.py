@@ -17,7 +17,8 @@ from halluscope.errors import InputError
 from halluscope.images import open_image
 from halluscope.tasks.sample import Sample
 
-__all__ = ["BASELINE_COLUMNS", "evaluate", "iter_evaluate", "classify", "readable_samples", "vlm_object_namer"]
+__all__ = ["BASELINE_COLUMNS", "evaluate", "iter_evaluate", "iter_replies", "classify", "readable_samples",
+           "vlm_object_namer"]
 
 BASELINE_COLUMNS = ("sample_id", "image_id", "task", "condition", "object", "truth", "claim", "prompt", "reply",
                     "answer", "outcome", "reply_ids")
@@ -53,25 +54,43 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
     return frame
 
 
+def iter_replies(vlm, pairs: Sequence[tuple[object, str]], *, batch_size: int = 8, max_new_tokens: int = 50,
+                 intervention=None, means=None) -> Iterator[list[tuple[str, list[int]]]]:
+    """Yield the greedy (reply text, reply token ids) of each batch of (image, prompt) `pairs`, in order.
+
+    With `intervention` (a `HeadIntervention`) the replies are generated with those heads edited (`means` for
+    mode "mean").
+
+    Raises:
+        InputError: batch_size < 1, or a pair `VLM.encode` refuses.
+    """
+    from halluscope.interventions.heads import intervene
+
+    if batch_size < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    for start in range(0, len(pairs), batch_size):
+        batch = vlm.encode(list(pairs[start:start + batch_size]))
+        edit = nullcontext() if intervention is None else intervene(vlm, intervention, means=means,
+                                                                      row_mask=batch.attention_mask)
+        with edit:
+            ids = vlm.generate_ids(batch, max_new_tokens=max_new_tokens)
+        yield list(zip(vlm.decode(ids), vlm.reply_ids(ids)))
+
+
 def iter_evaluate(vlm, samples: Sequence[Sample], *, batch_size: int = 8, max_new_tokens: int = 50,
                   intervention=None, means=None) -> Iterator[pd.DataFrame]:
     """Yield the rows of each batch of `samples` (greedy decoding), in order.
 
     With `intervention` (a `HeadIntervention`) the replies are generated with those heads edited.
     """
-    from halluscope.interventions.heads import intervene
-
-    if batch_size < 1:
-        raise InputError(f"batch_size must be >= 1, got {batch_size}")
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start:start + batch_size]
-        batch = vlm.encode([(s.image, s.prompt) for s in chunk])
-        edit = nullcontext() if intervention is None else intervene(vlm, intervention, means=means,
-                                                                      row_mask=batch.attention_mask)
-        with edit:
-            ids = vlm.generate_ids(batch, max_new_tokens=max_new_tokens)
+    pairs = [(s.image, s.prompt) for s in samples]
+    start = 0
+    for replies in iter_replies(vlm, pairs, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                intervention=intervention, means=means):
+        chunk = samples[start:start + len(replies)]
+        start += len(replies)
         rows = []
-        for sample, reply, reply_ids in zip(chunk, vlm.decode(ids), vlm.reply_ids(ids)):
+        for sample, (reply, reply_ids) in zip(chunk, replies):
             answer, outcome = classify(sample, reply)
             rows.append({"sample_id": sample.id, "image_id": sample.image_id, "task": sample.task,
                          "condition": sample.condition, "object": sample.object, "truth": sample.truth,

@@ -51,7 +51,7 @@ def headline_lines(headline: dict[str, Any]) -> list[str]:
 
 def write_report(run: Run, headline: dict[str, Any]) -> Path:
     """Write RUN/report.md from the demo's headline numbers and the run's plots."""
-    plots = sorted(p.relative_to(run.path) for p in run.plots_dir.glob("*.png"))
+    plots = sorted(p.relative_to(run.path) for p in run.plots_dir.rglob("*.png"))
     ablations = "\n".join(
         f"| {a['spec']} | {a['heads']} | {_pct(a['copy_rate'])} | {_pct(a['copy_rate_relative_reduction'])} | "
         f"{_pct(a['base_accuracy'])} |" for a in headline["ablations"])
@@ -78,9 +78,8 @@ def write_report(run: Run, headline: dict[str, Any]) -> Path:
         *[f"![{p.stem}]({p.as_posix()})" for p in plots],
         "",
         "Tables: `baseline.parquet`, `sweep.parquet`, `heads.json`, `confirm.parquet`, `ablation_best*.parquet`, "
-        "`attention.parquet`, `probs.parquet`; `manifest.json` says what ran.",
+        "`attention.parquet`, `attention_maps.parquet`, `probs.parquet`; `manifest.json` says what ran. "
+        "The interactive figures (hover a head for the prompts it flips) are in `report.html`.",
         "",
     ])
-    path = run.path / "report.md"
-    path.write_text(text)
-    return path
+    return run.write_file("report.md", lambda tmp: tmp.write_text(text, encoding="utf-8"))

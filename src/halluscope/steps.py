@@ -14,10 +14,10 @@ from typing import Any, Callable, ContextManager, Iterator, Sequence
 import pandas as pd
 
 from halluscope.errors import InputError, RunError
-from halluscope.runs import Run
+from halluscope.runs import TABLE_PRODUCERS, Run, locked_step, writer_lock
 
-__all__ = ["Progress", "no_progress", "load_model", "run_model", "load_means", "eval_step", "means_step",
-           "sweep_step", "rank_step", "confirm_step", "ablate_step"]
+__all__ = ["Progress", "no_progress", "fill_parts", "load_model", "run_model", "load_means", "eval_step", "means_step",
+           "sweep_step", "rank_step", "confirm_step", "ablate_step", "ablation_name", "head_spec"]
 
 Progress = Callable[[str, int], ContextManager[Callable[..., None]]]
 
@@ -64,6 +64,19 @@ def _same_model(vlm, info: dict, manifest: dict) -> bool:
                                    for path in _legacy_paths(vlm, info, manifest)}
 
 
+def _description(vlm, out: str | Path, resuming: bool) -> dict:
+    """What the run records about `vlm`; when resuming a run made before fingerprint scheme 2 with this very
+    model, the run's own record (so that the run still resumes)."""
+    description = vlm.describe()
+    if resuming:
+        manifest = Run.open(out).manifest
+        info = manifest.get("model") or {}
+        if info.get("fingerprint") and info.get("fingerprint_scheme") != description["fingerprint_scheme"] \
+                and _same_model(vlm, info, manifest):
+            return info
+    return description
+
+
 def _legacy_paths(vlm, info: dict, manifest: dict) -> set[str]:
     """The `_name_or_path` values a legacy fingerprint may have hashed: the recorded name, it relative to the
     recorded working directory, the organism's directory, and the path the model was loaded from now."""
@@ -100,27 +113,47 @@ def _samples(run: Run):
     return readable_samples(samples_from_frame(run.read_table("samples", hint="eval")))
 
 
-def _evaluate_into(run: Run, step: str, vlm, samples, *, batch_size: int, max_new_tokens: int, progress: Progress,
-                   description: str, intervention=None, means=None) -> pd.DataFrame:
-    """Evaluate `samples` in resumable shards of at least 32 rows under RUN/parts/<step>/."""
-    from halluscope.evaluation import iter_evaluate
+def fill_parts(parts, n: int, compute: Callable[[int, int], Iterator[pd.DataFrame]], *, chunk: int,
+               progress: Progress, description: str) -> pd.DataFrame:
+    """Rows 0..n-1 computed in resumable shards of up to `chunk` rows, then all shards read back in order.
 
-    parts = run.parts(step)
-    done = parts.done()
-    chunk = max(batch_size, 32)
-    with progress(description, len(samples)) as advance:
-        for start in range(0, len(samples), chunk):
-            key = f"{start:06d}"
-            if key in done:
-                advance(min(chunk, len(samples) - start))
+    `compute(start, stop)` yields the frames of rows start..stop-1 (progress advances by each frame's rows). A
+    shard keyed "000040" with 36 rows holds rows 40..75; finished shards are skipped by the rows they cover, not
+    by a chunk size, so a step resumed with another chunk size neither repeats nor misses a row.
+
+    Example:
+        >>> fill_parts(run.parts("eval"), len(samples), lambda a, b: iter_evaluate(vlm, samples[a:b]), chunk=32,
+        ...            progress=no_progress, description="eval")  # doctest: +SKIP
+    """
+    covered = {int(key): int(key) + rows for key, rows in parts.rows().items() if key.isdigit()}
+    with progress(description, n) as advance:
+        start = 0
+        while start < n:
+            if start in covered:
+                advance(covered[start] - start)
+                start = covered[start]
                 continue
+            stop = min([start + chunk, n, *(s for s in covered if s > start)])
             frames = []
-            for frame in iter_evaluate(vlm, samples[start:start + chunk], batch_size=batch_size,
-                                       max_new_tokens=max_new_tokens, intervention=intervention, means=means):
+            for frame in compute(start, stop):
                 frames.append(frame)
                 advance(len(frame))
-            parts.write(key, pd.concat(frames, ignore_index=True))
+            parts.write(f"{start:06d}", pd.concat(frames, ignore_index=True))
+            start = stop
     return parts.read_all()
+
+
+def _evaluate_into(run: Run, step: str, vlm, samples, *, batch_size: int, max_new_tokens: int, progress: Progress,
+                   description: str, intervention=None, means=None) -> pd.DataFrame:
+    """Evaluate `samples` in resumable shards of at least 32 rows under RUN/parts/<step>/ (`fill_parts`)."""
+    from halluscope.evaluation import iter_evaluate
+
+    def compute(start: int, stop: int) -> Iterator[pd.DataFrame]:
+        return iter_evaluate(vlm, samples[start:stop], batch_size=batch_size, max_new_tokens=max_new_tokens,
+                             intervention=intervention, means=means)
+
+    return fill_parts(run.parts(step), len(samples), compute, chunk=max(batch_size, 32), progress=progress,
+                      description=description)
 
 
 # ---- eval -----------------------------------------------------------------------------------------------
@@ -134,8 +167,9 @@ def eval_step(out: str | Path, *, model: str, task: str = "count", data: str = "
     `offsets` are count offsets for "count" and colour distances for "color"; `options` go to the task builder
     (e.g. size=112).
     """
-    from halluscope import metrics, plots
+    from halluscope import metrics
     from halluscope.evaluation import readable_samples, vlm_object_namer
+    from halluscope.plots.run_figures import eval_plots
     from halluscope.tasks import build_task, get_task
     from halluscope.tasks.sample import samples_from_frame, samples_to_frame
 
@@ -157,32 +191,34 @@ def eval_step(out: str | Path, *, model: str, task: str = "count", data: str = "
     resuming = not force and Run.exists(out)
     samples = None if resuming or name_objects else build()
     vlm = vlm if vlm is not None else load_model(model)
-    run = Run.create(out, step="eval", arguments=arguments, model=vlm.describe(), force=force)
-    if run.has_table("samples"):
-        samples = samples_from_frame(run.read_table("samples"))
-    else:
-        samples = samples if samples is not None else build(
-            vlm_object_namer(vlm, batch_size=batch_size) if name_objects else None)
-        run.write_json("skipped_rows", [{"row": r.row, "image_id": r.image_id, "reason": r.reason}
-                                        for r in getattr(samples, "skipped", ())])
-        run.write_table("samples", samples_to_frame(samples))
-    ok, bad = readable_samples(samples)
-    for sample_id, why in bad:
-        warn(f"skipped {sample_id}: {why}")
-    baseline = _evaluate_into(run, "eval", vlm, ok, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                              progress=progress, description="eval")
-    run.write_table("baseline", baseline)
-    summary = metrics.summarize(baseline)
-    summary["skipped"] = [{"sample_id": s, "reason": r} for s, r in bad]  # images that do not decode
-    has_rows = (run.path / "skipped_rows.json").is_file()  # runs made before it was kept lack it
-    summary["skipped_source_rows"] = run.read_json("skipped_rows") if has_rows else []
-    run.write_json("summary", summary)
-    plots.eval_plots(baseline, run.plots_dir)
-    run.finish_step("eval", summary)
+    with writer_lock(out, create=True):  # one writer from the run's creation to its finish
+        run = Run.create(out, step="eval", arguments=arguments, model=_description(vlm, out, resuming), force=force)
+        if run.has_table("samples"):
+            samples = samples_from_frame(run.read_table("samples"))
+        else:
+            samples = samples if samples is not None else build(
+                vlm_object_namer(vlm, batch_size=batch_size) if name_objects else None)
+            run.write_json("skipped_rows", [{"row": r.row, "image_id": r.image_id, "reason": r.reason}
+                                            for r in getattr(samples, "skipped", ())])
+            run.write_table("samples", samples_to_frame(samples))
+        ok, bad = readable_samples(samples)
+        for sample_id, why in bad:
+            warn(f"skipped {sample_id}: {why}")
+        baseline = _evaluate_into(run, "eval", vlm, ok, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                  progress=progress, description="eval")
+        run.write_table("baseline", baseline)
+        summary = metrics.summarize(baseline)
+        summary["skipped"] = [{"sample_id": s, "reason": r} for s, r in bad]  # images that do not decode
+        has_rows = (run.path / "skipped_rows.json").is_file()  # runs made before it was kept lack it
+        summary["skipped_source_rows"] = run.read_json("skipped_rows") if has_rows else []
+        run.write_json("summary", summary)
+        eval_plots(baseline, run.plots_dir)
+        run.finish_step("eval", summary)
     return run, summary
 
 
 # ---- means ----------------------------------------------------------------------------------------------
+@locked_step
 def means_step(run_dir: str | Path, *, batch_size: int = 8, force: bool = False, vlm=None,
                progress: Progress = no_progress) -> Path:
     """Per-(layer, head) mean o_proj input over the run's samples, saved as RUN/head_means.safetensors."""
@@ -203,8 +239,7 @@ def means_step(run_dir: str | Path, *, batch_size: int = 8, force: bool = False,
                 advance(len(rows))
 
     head_means = compute_head_means(vlm, batches())
-    path = run.path / "head_means.safetensors"
-    save_file({"means": head_means.contiguous()}, str(path))
+    path = run.write_file("head_means.safetensors", lambda tmp: save_file({"means": head_means.contiguous()}, str(tmp)))
     run.finish_step("means", {"n_samples": len(samples)})
     return path
 
@@ -234,14 +269,20 @@ def _sweep_items(run: Run, baseline: pd.DataFrame):
                        aliases={s.id: s.truth_aliases for s in samples})
 
 
+@locked_step
 def sweep_step(run_dir: str | Path, *, layers: str | None = None, heads: str | None = None, mode: str = "score",
-               intervention: str = "zero", batch_size: int = 16, max_new_tokens: int = 50, force: bool = False,
-               vlm=None, progress: Progress = no_progress) -> pd.DataFrame:
-    """Knock out every head of the grid, one at a time, on the run's misleading prompts; writes sweep.parquet."""
-    from halluscope.sweep.runner import SWEEP_MODES, parse_range, run_sweep
+               intervention: str = "zero", batch_size: int = 16, max_new_tokens: int = 50, verify_top: int = 0,
+               force: bool = False, vlm=None, progress: Progress = no_progress) -> pd.DataFrame:
+    """Knock out every head of the grid, one at a time, on the run's misleading prompts (or estimate every
+    knockout's effect by attribution patching, `mode` "atp"/"atp-star", and verify the top `verify_top` heads
+    per prompt exactly); writes sweep.parquet."""
+    from halluscope.sweep.runner import (EXACT_MODES, SWEEP_MODES, parse_range, run_sweep, shard_count,
+                                         verification_summary)
 
     if mode not in SWEEP_MODES:
         raise InputError(f"unknown --mode {mode!r}; use one of {', '.join(SWEEP_MODES)}")
+    if verify_top < 0 or (verify_top and mode in EXACT_MODES):
+        raise InputError(f"--verify-top {verify_top}: give a count >= 1 with an estimator mode (atp, atp-star)")
     run = Run.open(run_dir)
     baseline = run.read_table("baseline", hint="eval")
     head_means = load_means(run, _check_mode(intervention))
@@ -250,47 +291,57 @@ def sweep_step(run_dir: str | Path, *, layers: str | None = None, heads: str | N
     head_ids = parse_range(heads, vlm.n_heads, "head")
     run.begin_step("sweep", {"layers": layer_ids, "heads": head_ids, "mode": mode, "intervention": intervention,
                              **_mode_note(intervention), "batch_size": batch_size,
-                             "max_new_tokens": max_new_tokens}, force=force)
+                             "max_new_tokens": max_new_tokens, "verify_top": verify_top}, force=force)
     items = _sweep_items(run, baseline)
     if not items:
         raise InputError(f"{run.path} has no misleading prompts to sweep; evaluate with offsets/distances")
     parts = run.parts("sweep")
-    with progress(f"sweep ({mode})", len(items) * len(layer_ids)) as advance:
+    with progress(f"sweep ({mode})", shard_count(mode, len(items), len(layer_ids))) as advance:
         advance(len(parts.done()))
         table = run_sweep(vlm, parts, items, [(l, h) for l in layer_ids for h in head_ids], mode=mode,
-                          batch_size=batch_size,
-                          max_new_tokens=max_new_tokens, intervention_mode=intervention, means=head_means,
-                          on_shard=advance)
+                          batch_size=batch_size, max_new_tokens=max_new_tokens, intervention_mode=intervention,
+                          means=head_means, verify_top=verify_top, on_shard=advance)
     clean = baseline.set_index("sample_id")
     table["condition"] = table["sample_id"].map(clean["condition"])
     table["baseline_outcome"] = table["sample_id"].map(clean["outcome"])
     run.write_table("sweep", table)
-    run.finish_step("sweep", {"rows": len(table), "prompts": len(items), "heads": len(layer_ids) * len(head_ids)})
+    summary = {"rows": len(table), "prompts": len(items), "heads": len(layer_ids) * len(head_ids)}
+    if verify_top:  # how far the estimates can be trusted, from the heads measured both ways
+        summary["verification"] = verification_summary(table)
+    run.finish_step("sweep", summary)
     return table
 
 
 # ---- rank -----------------------------------------------------------------------------------------------
-def rank_step(run_dir: str | Path) -> tuple[dict, pd.DataFrame]:
-    """Rank heads by correction rate under knockout; writes heads.json, ranking.parquet and a heatmap."""
-    from halluscope import plots
+@locked_step
+def rank_step(run_dir: str | Path, *, by: str = "auto") -> tuple[dict, pd.DataFrame]:
+    """Rank heads by correction rate under knockout; writes heads.json, ranking.parquet and a heatmap.
+
+    `by` picks the sweep rows ranked (`halluscope.sweep.runner.rows_by`): an estimator sweep's estimates of every
+    head, or its exactly verified heads.
+    """
+    from halluscope.sweep.runner import rows_by
     from halluscope.analysis.ranking import correction_matrix, rank_heads, rank_report
+    from halluscope.plots.figure import caption
+    from halluscope.plots.run_figures import plot_head_heatmap
 
     run = Run.open(run_dir)
-    sweep_table = run.read_table("sweep", hint="sweep")
-    run.begin_step("rank", {}, force=True)  # cheap and derived: always recomputed from the current sweep
+    sweep_table = rows_by(run.read_table("sweep", hint="sweep"), by)
+    run.begin_step("rank", {"by": by}, force=True)  # cheap and derived: always recomputed from the current sweep
     report = rank_report(sweep_table)
     run.write_json("heads", report)
     ranking = rank_heads(sweep_table)
     run.write_table("ranking", ranking)
     info = run.manifest["model"]
-    plots.plot_head_heatmap(correction_matrix(sweep_table, info["n_layers"], info["n_heads"]),
-                            run.plots_dir / "head_correction_rate.png", title="correction rate per knocked-out head",
-                            cbar_label="correction rate")
+    plot_head_heatmap(correction_matrix(sweep_table, info["n_layers"], info["n_heads"]),
+                      run.plots_dir / "head_correction_rate.png", title="correction rate per knocked-out head",
+                      cbar_label="correction rate", note=caption(ranking["n"], "prompts per head", None))
     run.finish_step("rank", {"best": report["best"]})
     return report, ranking
 
 
 # ---- confirm --------------------------------------------------------------------------------------------
+@locked_step
 def confirm_step(run_dir: str | Path, *, heads: str = "best5", batch_size: int = 16, max_new_tokens: int = 50,
                  force: bool = False, vlm=None, progress: Progress = no_progress) -> dict:
     """Re-run the sweep's top heads in generate mode (greedy replies) and compare with the score-mode outcomes.
@@ -299,10 +350,11 @@ def confirm_step(run_dir: str | Path, *, heads: str = "best5", batch_size: int =
     """
     from halluscope.analysis.ranking import resolve_head_set
     from halluscope.interventions.heads import format_heads
-    from halluscope.sweep.runner import run_sweep
+    from halluscope.sweep.runner import rows_by, run_sweep
 
     run = Run.open(run_dir)
-    scored = run.read_table("sweep", hint="sweep")
+    ranked_by = ((run.manifest["steps"].get("rank") or {}).get("arguments") or {}).get("by", "auto")
+    scored = rows_by(run.read_table("sweep", hint="sweep"), ranked_by)  # the rows the ranking was made from
     info = run.manifest["model"]
     head_set = sorted(resolve_head_set(heads, run.read_json("heads", hint="rank"), info["n_layers"], info["n_heads"]))
     run.begin_step("confirm", {"heads": format_heads(head_set), "batch_size": batch_size,
@@ -328,14 +380,63 @@ def confirm_step(run_dir: str | Path, *, heads: str = "best5", batch_size: int =
 
 
 # ---- ablate ---------------------------------------------------------------------------------------------
+#: Outputs of other steps, which an ablation's --name must not overwrite.
+_TAKEN_NAMES = {name: command for name, command in TABLE_PRODUCERS.items() if name != "ablation"} | {
+    "attention_samples": "attention", "skipped_rows": "eval", "head_means": "means", "demo": "demo",
+    "report": "demo"}
+
+
+def head_spec(heads: str | None, head_set) -> str | None:
+    """A --heads value as recorded: a set name lowercased ("best3"), a head list normalised ("L0H3,L11H15":
+    sorted, duplicates removed, any case), so equal head sets are one step; None stays None."""
+    from halluscope.interventions.heads import format_heads, parse_heads
+
+    if heads is None:
+        return None
+    try:
+        parse_heads(heads)
+    except InputError:
+        return heads.strip().lower()
+    return format_heads(head_set)
+
+
+def ablation_name(spec: str, limit: int = 96) -> str:
+    """The default name of an ablation's outputs: "ablation_best3", "ablation_L0H3-L11H15" (a long head list:
+    "ablation_<n>heads-<hash>").
+
+    Example:
+        >>> ablation_name("L0H3,L11H15")
+        'ablation_L0H3-L11H15'
+    """
+    import hashlib
+
+    name = f"ablation_{spec.replace(',', '-')}"
+    if len(name) <= limit:
+        return name
+    return f"ablation_{spec.count(',') + 1}heads-{hashlib.sha256(spec.encode()).hexdigest()[:8]}"
+
+
+def _check_output_name(name: str) -> str:
+    """`name` if it can name an ablation's files without overwriting another step's."""
+    from halluscope.runs import check_name
+
+    check_name(name, "ablation")
+    if name in _TAKEN_NAMES:
+        raise InputError(f"--name {name!r} would overwrite the run's {name} output (of `halluscope "
+                         f"{_TAKEN_NAMES[name]}`); choose another name, e.g. ablation_{name}")
+    return name
+
+
+@locked_step
 def ablate_step(run_dir: str | Path, *, heads: str, intervention: str = "zero", alpha: float = 0.0,
                 positions: str = "all", batch_size: int = 8, force: bool = False, vlm=None,
-                progress: Progress = no_progress, name: str = "ablation") -> dict:
+                progress: Progress = no_progress, name: str | None = None) -> dict:
     """Re-evaluate the run's samples with `heads` edited; writes the rates before and after.
 
-    `name` names the outputs (`<name>.parquet`, `<name>_summary.json`), so several head sets can be kept.
+    `name` names the outputs (`<name>.parquet`, `<name>_summary.json`) and the step ("ablate-<name>"), so
+    several head sets can be kept; by default it comes from the head set (`ablation_name`).
     """
-    from halluscope import metrics, plots
+    from halluscope import metrics
     from halluscope.analysis.ranking import resolve_head_set
     from halluscope.interventions.heads import HeadIntervention, format_heads
 
@@ -344,10 +445,12 @@ def ablate_step(run_dir: str | Path, *, heads: str, intervention: str = "zero", 
     info = run.manifest["model"]
     report = run.read_json("heads") if (run.path / "heads.json").is_file() else None
     head_set = resolve_head_set(heads, report, info["n_layers"], info["n_heads"])
+    spec = head_spec(heads, head_set)
+    name = _check_output_name(name) if name is not None else ablation_name(spec)
     iv = HeadIntervention(head_set, mode=intervention, alpha=alpha, positions=positions)
-    step = "ablate" if name == "ablation" else f"ablate-{name}"
+    step = "ablate" if name == "ablation" else f"ablate-{name}"  # "ablation": the name before --name existed
     head_means = load_means(run, intervention)
-    run.begin_step(step, {"heads": format_heads(head_set), "spec": heads, "intervention": intervention,
+    run.begin_step(step, {"heads": format_heads(head_set), "spec": spec, "intervention": intervention,
                           **_mode_note(intervention), "alpha": alpha, "positions": positions,
                           "batch_size": batch_size}, force=force)
     vlm = run_model(run, vlm)
@@ -360,15 +463,31 @@ def ablate_step(run_dir: str | Path, *, heads: str, intervention: str = "zero", 
     before_summary, after_summary = metrics.summarize(baseline), metrics.summarize(after)
     base_change = (None if before_summary["base_accuracy"] is None or after_summary["base_accuracy"] is None
                    else after_summary["base_accuracy"] - before_summary["base_accuracy"])
-    result = {"heads": format_heads(head_set), "spec": heads, "intervention": iv.mode, "alpha": alpha,
+    result = {"name": name, "heads": format_heads(head_set), "spec": spec, "intervention": iv.mode, "alpha": alpha,
               "positions": positions, "before": before_summary, "after": after_summary,
               "copy_rate_relative_reduction": metrics.relative_reduction(before_summary["copy_rate"] or 0.0,
                                                                          after_summary["copy_rate"] or 0.0),
               "base_accuracy_change": base_change}
     run.write_json(f"{name}_summary", result)
-    plots.plot_before_after(metrics.pih_rates(metrics.select_misleading(baseline), by=("truth",)),
-                            metrics.pih_rates(metrics.select_misleading(after), by=("truth",)),
-                            run.plots_dir / f"{name}_copy_rate.png",
-                            title=f"copy rate with {format_heads(head_set)} knocked out", labels=("baseline", "ablated"))
+    _ablation_plots(run, name, baseline, after, f"{format_heads(head_set)} knocked out")
     run.finish_step(step, {k: v for k, v in result.items() if k not in ("before", "after")})
     return result
+
+
+def _ablation_plots(run: Run, name: str, baseline: pd.DataFrame, after: pd.DataFrame, what: str) -> None:
+    """The copy rate before and after an ablation, by true value (`<name>_copy_rate.png`) and by condition
+    (`<name>_copy_rate_by_offset.png`, named after the task's condition axis)."""
+    from halluscope import metrics
+    from halluscope.plots.figure import axis_labels
+    from halluscope.plots.run_figures import plot_before_after, plot_rate_by_condition
+
+    tasks = sorted(str(t) for t in baseline["task"].dropna().unique()) if "task" in baseline.columns else []
+    truth_label, condition_label = axis_labels(tasks[0] if len(tasks) == 1 else None)
+    before, ablated = metrics.select_misleading(baseline), metrics.select_misleading(after)
+    plot_before_after(metrics.pih_rates(before, by=("truth",)), metrics.pih_rates(ablated, by=("truth",)),
+                      run.plots_dir / f"{name}_copy_rate.png", title=f"copy (PIH) rate with {what}",
+                      labels=("baseline", "ablated"), xlabel=truth_label)
+    plot_rate_by_condition({"baseline": metrics.pih_rates(before, by=("condition",)),
+                            "ablated": metrics.pih_rates(ablated, by=("condition",))},
+                           run.plots_dir / f"{name}_copy_rate_by_{condition_label}.png",
+                           title=f"copy (PIH) rate with {what}", xlabel=condition_label)

@@ -1,10 +1,14 @@
-"""Helpers for running CLI commands end to end, in process (`cli`) or as a killable subprocess (`spawn`)."""
+"""Helpers for running CLI commands end to end, in process (`cli`) or as a killable subprocess (`spawn`), and
+one demo run shared by the tests that read a finished run (`demo_run`)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -38,3 +42,16 @@ def spawn():
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     return start
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> tuple[Path, str]:
+    """`halluscope demo --n 9` run once per session (the slowest command): (run directory, what it printed).
+
+    Tests may add to the run (a rerun, `halluscope report`) but must not delete what the demo wrote.
+    """
+    out = tmp_path_factory.mktemp("demo") / "run"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        main(["demo", "--out", str(out), "--n", "9"])
+    return out, printed.getvalue()

@@ -69,8 +69,8 @@ def test_probs_command(cli, run_dir):
     code, _, err = cli("probs", "--run", run_dir, "--heads", "L0H1", "--alphas", "0,0.5,1", "--limit", "3")
     assert code == 0, err
     table = pd.read_parquet(run_dir / "probs.parquet")
-    assert list(table.columns)[:9] == ["sample_id", "condition", "truth", "claim", "contrast", "alpha", "form",
-                                       "p_truth", "p_claim"]
+    assert list(table.columns)[:11] == ["sample_id", "condition", "truth", "claim", "contrast", "alpha", "form",
+                                        "tokens_truth", "tokens_claim", "p_truth", "p_claim"]
     assert sorted(set(table["alpha"])) == [0.0, 0.5, 1.0]
     assert {p.name for p in (run_dir / "plots").glob("probs_*.png")} == {f"probs_{f}.png" for f in set(table["form"])}
 

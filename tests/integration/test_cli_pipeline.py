@@ -56,7 +56,8 @@ def test_eval_writes_a_self_describing_run(cli, model, tmp_path, task, offsets):
     assert manifest["model"]["family"] == "qwen2_vl" and manifest["steps"]["eval"]["arguments"]["decoding"] == "greedy"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["n_samples"] == len(baseline)
-    assert len(list((run / "plots").glob("*.png"))) == 3
+    # copy and correction rate by true value, copy rate by offset (or distractor), base accuracy
+    assert len(list((run / "plots").glob("*.png"))) == 4
 
 
 def test_eval_refuses_a_different_run_unless_forced(cli, model, tmp_path):
@@ -98,9 +99,9 @@ def test_sweep_rank_ablate_pipeline(cli, model, tmp_path):
     assert len(heads["ranking"]) == 8 and (run / "plots" / "head_correction_rate.png").is_file()
     code, out, err = cli("ablate", "--run", run, "--heads", "L0H1,L1H2")
     assert code == 0, err
-    result = json.loads((run / "ablation_summary.json").read_text())
+    result = json.loads((run / "ablation_L0H1-L1H2_summary.json").read_text())
     assert result["heads"] == "L0H1,L1H2" and "before" in result and "after" in result
-    assert len(pd.read_parquet(run / "ablation.parquet")) == len(baseline)
+    assert len(pd.read_parquet(run / "ablation_L0H1-L1H2.parquet")) == len(baseline)
     code, _, err = cli("ablate", "--run", run, "--heads", "L0H1", "--intervention", "mean", "--force")
     assert code == 0, err
     code, _, err = cli("sweep", "--run", run, "--mode", "generate", "--layers", "1:2", "--intervention", "mean",

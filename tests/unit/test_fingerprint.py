@@ -81,3 +81,12 @@ def test_a_legacy_run_of_other_weights_is_refused(checkpoint, tmp_path):
     run = _legacy_run(checkpoint, tmp_path, vlm, "5.23.0", fingerprint_value="0123456789abcdef")
     with pytest.raises(RunError, match="changed since"):
         run_model(run, vlm)
+
+
+def test_a_legacy_eval_run_resumes(checkpoint, tmp_path):
+    from halluscope.steps import eval_step
+
+    vlm = load_vlm(checkpoint)
+    run = _legacy_run(checkpoint, tmp_path, vlm, "5.23.0")
+    again, _ = eval_step(run.path, model=str(checkpoint), n=2, offsets=(2,), max_new_tokens=6, vlm=vlm)
+    assert again.manifest["model"]["fingerprint"] == run.manifest["model"]["fingerprint"]

@@ -3,6 +3,7 @@ only the layers from the ablated head's layer on (every tiny family)."""
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 
 import numpy as np
@@ -15,6 +16,7 @@ from halluscope.analysis.probabilities import RunPrompt, answer_setup
 from halluscope.errors import InputError
 from halluscope.images import image_to_png_bytes
 from halluscope.interventions.heads import HeadIntervention, intervene
+from halluscope.sweep.slot import append_tokens
 
 
 def _image(size=(224, 224)) -> Image.Image:
@@ -58,14 +60,20 @@ def test_lens_table_ablation_changes_layers_from_the_heads_layer(vlm):
     assert not np.allclose(base.xs(1, level="layer")["p_truth"], ablated.xs(1, level="layer")["p_truth"])
     # the last layer's lens is the model's own answer-slot distribution, baseline and ablated, bit for bit
     last = vlm.n_layers - 1
-    for batch, forms in answer_setup(vlm, prompts[0], max_new_tokens=4).groups:
-        for setting, edit in (("baseline", nullcontext()),
-                              ("ablated", intervene(vlm, HeadIntervention(heads, mode="zero")))):
-            with edit, torch.inference_mode():
-                probs = vlm.forward(batch, use_cache=False, logits_to_keep=1).logits[0, -1].float().softmax(-1)
-            for form, (truth_id, claim_id) in forms.items():
+    for slot in answer_setup(vlm, prompts[0], max_new_tokens=4).slots:
+        words = {(w.form, w.role): w.ids for w in slot.words}
+        for setting, knockout in (("baseline", False), ("ablated", True)):
+            def word_probability(ids) -> float:  # the model's own probability of the whole word
+                edit = intervene(vlm, HeadIntervention(heads, mode="zero")) if knockout else nullcontext()
+                with edit, torch.inference_mode():
+                    logits = vlm.forward(append_tokens(slot.batch, ids[:-1]), use_cache=False).logits[0, -len(ids):]
+                logp = logits.float().log_softmax(-1)
+                return math.exp(sum(float(logp[j, t]) for j, t in enumerate(ids)))
+
+            for form in slot.forms():
                 row = keyed.loc[("s-+1", form, last, setting)]
-                assert (row["p_truth"], row["p_claim"]) == (float(probs[truth_id]), float(probs[claim_id]))
+                assert row["p_truth"] == pytest.approx(word_probability(words[form, "truth"]), rel=1e-4)
+                assert row["p_claim"] == pytest.approx(word_probability(words[form, "claim"]), rel=1e-4)
     summary = summarize_lens(table)
     assert set(summary["kind"]) == {"misleading", "truthful"}
     assert (summary.groupby(["kind", "setting", "form"])["layer"].nunique() == vlm.n_layers).all()

@@ -4,6 +4,7 @@ probabilities against plain forwards with and without the knockout (every tiny f
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import pandas as pd
 import pytest
@@ -21,6 +22,7 @@ from halluscope.analysis.probabilities import (
 from halluscope.errors import InputError
 from halluscope.images import image_to_png_bytes
 from halluscope.interventions.heads import HeadIntervention, intervene
+from halluscope.sweep.slot import append_tokens
 from halluscope.tasks.sample import Sample
 
 
@@ -89,19 +91,24 @@ def test_probabilities_equal_plain_forwards_at_the_answer_slot(vlm):
         assert len(rows) == 2 * rows["form"].nunique() and not rows.duplicated(["alpha", "form"]).any()
     misleading = prompts[1]
     setup = answer_setup(vlm, misleading, max_new_tokens=4)
-    for batch, forms in setup.groups:
-        # logits_to_keep=1 as token_probabilities does: the same computation, so the numbers match bit for bit
-        with torch.inference_mode():
-            plain = vlm.forward(batch, use_cache=False, logits_to_keep=1).logits[0, -1].float().softmax(-1)
-            with intervene(vlm, HeadIntervention(heads, mode="zero")):
-                knocked = vlm.forward(batch, use_cache=False, logits_to_keep=1).logits[0, -1].float().softmax(-1)
-        assert not torch.equal(plain, knocked), "the knockout must change the answer-slot distribution"
-        for form, (truth_id, claim_id) in forms.items():
-            assert truth_id != claim_id
+    for slot in setup.slots:
+        def word_probability(ids, knockout: bool) -> float:  # one plain forward over the slot and the word
+            edit = intervene(vlm, HeadIntervention(heads, mode="zero")) if knockout else nullcontext()
+            with edit, torch.inference_mode():
+                logits = vlm.forward(append_tokens(slot.batch, ids[:-1]), use_cache=False).logits[0, -len(ids):]
+            logp = logits.float().log_softmax(-1)
+            return math.exp(sum(float(logp[j, t]) for j, t in enumerate(ids)))
+
+        words = {(w.form, w.role): w.ids for w in slot.words}
+        for form, (n_truth, n_claim) in slot.forms().items():
+            assert words[form, "truth"] != words[form, "claim"]
             rows = table[(table["sample_id"] == misleading.sample_id) & (table["form"] == form)].set_index("alpha")
-            for alpha, probs in ((1.0, plain), (0.0, knocked)):
-                assert rows.loc[alpha, "p_truth"] == float(probs[truth_id])
-                assert rows.loc[alpha, "p_claim"] == float(probs[claim_id])
+            assert (rows["tokens_truth"] == n_truth).all() and (rows["tokens_claim"] == n_claim).all()
+            for alpha, knockout in ((1.0, False), (0.0, True)):
+                assert rows.loc[alpha, "p_truth"] == pytest.approx(word_probability(words[form, "truth"], knockout),
+                                                                   rel=1e-4)
+                assert rows.loc[alpha, "p_claim"] == pytest.approx(word_probability(words[form, "claim"], knockout),
+                                                                   rel=1e-4)
             assert (rows.loc[0.0, "p_truth"], rows.loc[0.0, "p_claim"]) != (rows.loc[1.0, "p_truth"],
                                                                             rows.loc[1.0, "p_claim"])
     summary = summarize_probabilities(table)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 import halluscope.runs as runs
@@ -73,12 +74,15 @@ def test_create_refuses_run_made_by_another_step(tmp_path: Path) -> None:
         Run.create(path, step="eval", arguments=EVAL_ARGS)
 
 
-def test_create_force_wipes_the_whole_run(tmp_path: Path) -> None:
+def test_create_force_wipes_everything_the_run_wrote(tmp_path: Path) -> None:
     path = tmp_path / "run"
     old = Run.create(path, step="eval", arguments=EVAL_ARGS, model=MODEL)
     old.write_table("baseline", _frame())
     old.parts("eval").write("s0000", _frame())
-    (old.plots_dir / "x.png").write_bytes(b"png")
+    (old.plots_dir / "maps").mkdir()
+    (old.plots_dir / "maps" / "x.png").write_bytes(b"png")  # written during the step: recorded at its finish
+    old.finish_step("eval")
+    assert "plots/maps/x.png" in old.manifest["steps"]["eval"]["outputs"]
 
     new = Run.create(path, step="eval", arguments={**EVAL_ARGS, "limit": 8}, model=MODEL, force=True)
     assert new.resumed is False
@@ -345,3 +349,241 @@ def test_kill_9_while_writing_leaves_only_complete_parts(tmp_path: Path) -> None
     table = parts.read_all()
     assert len(table) == 200_000 * len(done)
     assert sorted(set(table["k"])) == sorted(int(k[1:]) for k in done)
+
+
+# ------------------------------------------------------------------------------ manifest read-modify-write
+
+
+def test_two_run_objects_on_one_directory_lose_no_entry(run: Run) -> None:
+    other = Run.open(run.path)
+    assert other.begin_step("sweep", {"mode": "score"}) is False
+    other.write_table("sweep", _frame())
+    (other.plots_dir / "sweep.png").write_bytes(b"png")
+    run.write_table("baseline", _frame())  # `run` began eval before `other` began sweep
+    other.finish_step("sweep", {"rows": 3})
+    run.finish_step("eval", {"n": 4})
+    other.begin_step("rank", {})
+    run.write_json("notes", {"ok": True})
+
+    steps = json.loads((run.path / MANIFEST_NAME).read_text())["steps"]
+    assert set(steps) == {"eval", "sweep", "rank"}
+    assert steps["sweep"]["status"] == "finished" and steps["sweep"]["outputs"] == ["sweep.parquet", "plots/sweep.png"]
+    assert steps["eval"]["status"] == "finished" and steps["eval"]["outputs"] == ["baseline.parquet", "notes.json"]
+    assert run.manifest == other.manifest and run.status("rank") == "running"  # both read the state on disk
+
+
+def test_a_stale_run_object_cannot_erase_later_steps(run: Run) -> None:
+    """The demo held eval's Run while later steps ran; its last write used to save eval's manifest, after which
+    a generate-mode sweep found no sweep entry and reused the score-mode shards."""
+    run.finish_step("eval", {"n": 4})
+    sweep = Run.open(run.path)
+    sweep.begin_step("sweep", {"layers": [0, 1], "mode": "score"})
+    sweep.parts("sweep").write("000000-L000", _frame())
+    sweep.finish_step("sweep")
+    run.write_json("demo", {"headline": 1})
+
+    later = Run.open(run.path)
+    assert later.status("sweep") == "finished"
+    with pytest.raises(RunError, match='mode: "score" in the run vs "generate" now'):
+        later.begin_step("sweep", {"layers": [0, 1], "mode": "generate"})
+    assert later.begin_step("sweep", {"layers": [0, 1], "mode": "generate"}, force=True) is False
+    assert later.parts("sweep").done() == set()
+
+
+# ---------------------------------------------------------------------------------------- part identity
+
+
+def test_a_step_started_afresh_never_reuses_leftover_parts(run: Run) -> None:
+    leftover = Parts(run.path / "parts" / "sweep")  # e.g. shards whose manifest entry was lost
+    leftover.write("000000-L000", _frame())
+    assert run.parts("sweep").done() == set()  # no entry: nothing is reusable
+    assert run.begin_step("sweep", {"mode": "generate"}) is False
+    assert not leftover.path.exists() and run.parts("sweep").done() == set()
+
+
+def test_parts_are_stamped_and_reused_only_by_their_step_identity(run: Run) -> None:
+    run.begin_step("sweep", {"mode": "score", "layers": [0, 1]})
+    parts = run.parts("sweep")
+    file = parts.write("000000-L000", _frame())
+    identity = runs.step_identity("sweep", {"mode": "score", "layers": [0, 1]})
+    assert parts.identity == identity
+    assert pq.read_metadata(file).metadata[runs.IDENTITY_KEY] == identity.encode()
+    assert Run.open(run.path).parts("sweep").done() == {"000000-L000"}
+
+    other = Parts(parts.path, identity=runs.step_identity("sweep", {"mode": "generate", "layers": [0, 1]}))
+    assert other.done() == set() and other.read_all().empty  # written by another step: recomputed
+    other.write("000000-L000", _frame(k=7))
+    assert other.done() == {"000000-L000"} and parts.done() == set()
+    assert runs.step_identity("sweep", {"mode": "score", "batch_size": 4}) == runs.step_identity(
+        "sweep", {"mode": "score", "batch_size": 64})
+
+
+def test_parts_of_an_earlier_version_resume_only_under_their_manifest_entry(tmp_path: Path) -> None:
+    run = Run.create(tmp_path / "run", step="eval", arguments=EVAL_ARGS, model=MODEL)
+    run.finish_step("eval")
+    manifest = json.loads((run.path / MANIFEST_NAME).read_text())  # as halluscope 0.1 wrote a sweep entry
+    manifest["steps"]["sweep"] = {"arguments": {"mode": "score", "batch_size": 16}, "command": [], "started": "x",
+                                  "resumed": [], "finished": None, "status": "running", "summary": None,
+                                  "outputs": []}
+    (run.path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    Parts(run.path / "parts" / "sweep").write("000000-L000", _frame())  # no identity stamp
+
+    reopened = Run.open(run.path)
+    assert reopened.begin_step("sweep", {"mode": "score", "batch_size": 4}) is True
+    assert reopened.parts("sweep").done() == {"000000-L000"}
+    assert reopened.manifest["steps"]["sweep"]["settings"] == {"batch_size": 4}
+
+    (run.path / MANIFEST_NAME).write_text(json.dumps({**manifest, "steps": {"eval": manifest["steps"]["eval"]}}))
+    assert Run.open(run.path).parts("sweep").done() == set()  # without its entry an old shard is not trusted
+
+
+def test_corrupt_and_truncated_parts_are_reported_deleted_and_recomputed(
+        run: Run, caplog: pytest.LogCaptureFixture) -> None:
+    parts = run.parts("eval")
+    for key in ("a", "b", "c", "d"):
+        parts.write(key, _frame(k=ord(key)))
+    whole = (parts.path / "b.parquet").read_bytes()
+    (parts.path / "b.parquet").write_bytes(whole[: len(whole) // 2])  # truncated
+    (parts.path / "c.parquet").write_bytes(b"not a parquet file at all")  # garbage
+    (parts.path / "d.parquet").write_bytes(b"")  # empty
+
+    with caplog.at_level("WARNING", logger="halluscope.runs"):
+        assert parts.done() == {"a"}
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3 and all("\n" not in line and "recomputed" in line for line in lines)
+    assert {name for name in ("b", "c", "d") if any(f"{name}.parquet" in line for line in lines)} == {"b", "c", "d"}
+    assert sorted(p.name for p in parts.path.iterdir()) == ["a.parquet"]
+    assert parts.read_all()["k"].tolist() == [ord("a")] * 3
+    with pytest.raises(RunError, match="no finished part 'b'"):
+        parts.read("b")
+    parts.write("b", _frame(k=1))
+    assert parts.done() == {"a", "b"}
+
+
+# ------------------------------------------------------------------------------------------ settings
+
+
+def test_batch_size_is_a_setting_not_part_of_a_steps_identity(tmp_path: Path) -> None:
+    path = tmp_path / "run"
+    run = Run.create(path, step="eval", arguments={**EVAL_ARGS, "batch_size": 64}, model=MODEL)
+    run.parts("eval").write("000000", _frame())
+    again = Run.create(path, step="eval", arguments={**EVAL_ARGS, "batch_size": 8}, model=MODEL)
+    assert again.resumed is True and again.parts("eval").done() == {"000000"}
+    entry = again.manifest["steps"]["eval"]
+    assert entry["settings"] == {"batch_size": 8} and "batch_size" not in entry["arguments"]
+
+    assert again.begin_step("sweep", {"mode": "score", "batch_size": 16}) is False
+    again.parts("sweep").write("000000-L000", _frame())
+    assert Run.open(path).begin_step("sweep", {"mode": "score", "batch_size": 2}) is True
+    assert again.parts("sweep").done() == {"000000-L000"}
+    assert again.manifest["steps"]["sweep"]["settings"] == {"batch_size": 2}
+
+
+# --------------------------------------------------------------------------------------------- force
+
+
+def test_force_deletes_only_what_the_run_wrote(tmp_path: Path) -> None:
+    path = tmp_path / "run"
+    run = Run.create(path, step="eval", arguments=EVAL_ARGS, model=MODEL)
+    run.write_table("baseline", _frame())
+    (run.plots_dir / "eval.png").write_bytes(b"png")
+    run.finish_step("eval")
+    (path / "notes.txt").write_text("mine")
+    (path / "plots" / "mine.png").write_bytes(b"mine")  # after the step: not the run's
+    (path / "mine.parquet").write_bytes(b"mine")
+    (path / ".baseline.parquet.0123456789abcdef0123456789abcdef.tmp").write_bytes(b"killed write")
+
+    sweep = Run.open(path)
+    sweep.begin_step("sweep", {"mode": "score"})
+    sweep.write_table("sweep", _frame())
+    (sweep.plots_dir / "sweep.png").write_bytes(b"png")
+    sweep.finish_step("sweep")
+    manifest = json.loads((path / MANIFEST_NAME).read_text())
+    manifest["steps"]["sweep"]["outputs"] += ["../outside.txt", str(tmp_path / "outside.txt")]  # hand-edited
+    (path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    (tmp_path / "outside.txt").write_text("outside")
+
+    Run.open(path).begin_step("sweep", {"mode": "generate"}, force=True)
+    assert not (path / "sweep.parquet").exists() and not (path / "plots" / "sweep.png").exists()
+    assert (path / "baseline.parquet").exists() and (tmp_path / "outside.txt").read_text() == "outside"
+
+    Run.create(path, step="eval", arguments={**EVAL_ARGS, "limit": 8}, model=MODEL, force=True)
+    assert sorted(p.relative_to(path).as_posix() for p in path.rglob("*")) == [
+        MANIFEST_NAME, "mine.parquet", "notes.txt", "plots", "plots/mine.png"]
+
+
+# ---------------------------------------------------------------------------------------------- lock
+
+_HOLD_LOCK = """
+import sys, time
+from halluscope.runs import writer_lock
+with writer_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def _hold(path: Path, seconds: float) -> subprocess.Popen:
+    """A second process holding the run's lock for `seconds` (returned once it holds it)."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(path), str(seconds)], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_writer_fails_in_one_line_naming_the_holder(run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    run.finish_step("eval")
+    monkeypatch.setattr(runs, "LOCK_WAIT_SECONDS", 0.3)
+    holder = _hold(run.path, 60)
+    try:
+        for write in (lambda: Run.open(run.path).begin_step("sweep", {}), lambda: run.write_table("t", _frame()),
+                      lambda: Run.create(run.path, step="eval", arguments=EVAL_ARGS, model=MODEL, force=True)):
+            with pytest.raises(RunError) as err:
+                write()
+            message = str(err.value)
+            assert f"is being written by pid {holder.pid}" in message and "-c" in message, message
+            assert f"delete {run.path / runs.LOCK_NAME}" in message and "\n" not in message
+        assert run.status("sweep") is None and not run.has_table("t")  # reading needs no lock
+    finally:
+        holder.kill()
+        holder.wait()
+    assert Run.open(run.path).begin_step("sweep", {}) is False  # the killed holder's lock is stale: taken over
+    assert not (run.path / runs.LOCK_NAME).exists()
+
+
+def test_a_writer_waits_briefly_for_the_holder_to_finish(run: Run) -> None:
+    holder = _hold(run.path, 0.5)
+    try:
+        assert run.begin_step("sweep", {}) is False  # waits up to LOCK_WAIT_SECONDS (3 s)
+    finally:
+        holder.wait()
+    assert holder.returncode == 0 and run.status("sweep") == "running"
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over(run: Run, caplog: pytest.LogCaptureFixture) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock = run.path / runs.LOCK_NAME
+    lock.write_text(json.dumps({"pid": dead.pid, "host": runs.socket.gethostname(), "command": "halluscope sweep",
+                                "since": "then", "token": "old"}))
+    with caplog.at_level("WARNING", logger="halluscope.runs"):
+        assert run.begin_step("sweep", {}) is False
+    assert f"from pid {dead.pid} (halluscope sweep), which is no longer running" in caplog.text
+    assert not lock.exists()
+
+
+def test_the_lock_is_held_for_a_whole_step_and_released_on_errors(run: Run) -> None:
+    lock = run.path / runs.LOCK_NAME
+
+    @runs.locked_step
+    def failing_step(run_dir: Path) -> None:
+        Run.open(run_dir).begin_step("sweep", {})
+        holder = json.loads(lock.read_text())
+        assert holder["pid"] == os.getpid() and holder["command"]
+        raise ValueError("out of memory")
+
+    with pytest.raises(ValueError, match="out of memory"):
+        failing_step(run.path)
+    assert not lock.exists()
+    with pytest.raises(RunError, match="no run at"):
+        failing_step(run.path / "nope")

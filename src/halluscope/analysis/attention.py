@@ -31,8 +31,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from halluscope.analysis.probabilities import answer_setup, typed_values
+from halluscope.analysis.probabilities import PROMPT_SCHEMA, answer_setup, typed_table
 from halluscope.errors import HalluscopeError, InputError
+from halluscope.runs import locked_step
 
 __all__ = [
     "TOKEN_CLASSES",
@@ -53,8 +54,8 @@ QUERY_KINDS = ("prompt", "generated", "answer")
 SHARE_COLUMNS = tuple(f"{c}_share" for c in TOKEN_CLASSES)
 PAD_CLASS = -1
 
-_MASS_COLUMNS = ["sample_id", "condition", "truth", "claim", "setting", "query", "layer", "head", "n_queries",
-                 *SHARE_COLUMNS]
+_MASS_SCHEMA = {**PROMPT_SCHEMA, "setting": "string", "query": "string", "layer": "int64", "head": "int64",
+                "n_queries": "int64", **dict.fromkeys(SHARE_COLUMNS, "float64")}
 
 Reduce = Callable[[int, torch.Tensor], torch.Tensor]
 
@@ -285,7 +286,7 @@ def attention_shares(vlm, batch, positions, classes: torch.Tensor) -> torch.Tens
 
 
 def _setting_rows(vlm, prompt, setup, prompt_len: int, setting: str) -> list[dict[str, Any]]:
-    batch = setup.groups[0][0]
+    batch = setup.slots[0].batch  # the clean reply up to the answer word: its last position predicts the word
     positions = list(range(prompt_len - 1, batch.seq_len))
     classes = token_classes(vlm, batch, [prompt.prompt], prompt_len)
     shares = attention_shares(vlm, batch, [positions], classes)[0].numpy()  # [layer, head, row, class]
@@ -353,7 +354,7 @@ def attention_mass(vlm, prompts: Sequence, heads, *, mode: str = "zero", means: 
                 rows += _setting_rows(vlm, prompt, setup, prompt_len, setting)
         if on_prompt is not None:
             on_prompt()
-    return typed_values(pd.DataFrame(rows, columns=_MASS_COLUMNS))
+    return typed_table(rows, _MASS_SCHEMA, prompts)
 
 
 def summarize_attention(table: pd.DataFrame) -> pd.DataFrame:
@@ -393,13 +394,14 @@ def layer_head_matrix(summary: pd.DataFrame, column: str, *, setting: str, query
 
 
 
+@locked_step  # one writer per run, for the whole step
 def attention_step(run_dir, *, heads: str, intervention: str = "zero", conditions=None, limit: int | None = None,
                    max_new_tokens: int | None = None, force: bool = False, vlm=None, progress=None,
                    warn: Callable[[str], None] | None = None) -> dict[str, Any]:
     """`halluscope attention`: attention mass of a run's prompts, baseline vs `heads` ablated.
 
     Writes attention.parquet (`summarize_attention`), attention_samples.parquet (per prompt) and the figures
-    of `halluscope.plots_analysis.attention_plots`. Resumes from finished shards under RUN/parts/attention/.
+    of `halluscope.plots.analysis_figures.attention_plots`. Resumes from finished shards under RUN/parts/attention/.
 
     Args:
         run_dir: an eval run.
@@ -422,7 +424,7 @@ def attention_step(run_dir, *, heads: str, intervention: str = "zero", condition
     from halluscope.analysis.probabilities import compute_in_shards, missing_prompts, open_analysis, skip_reporter
     from halluscope.errors import RunError
     from halluscope.interventions.heads import format_heads
-    from halluscope.plots_analysis import attention_plots
+    from halluscope.plots.analysis_figures import attention_plots
     from halluscope.steps import no_progress
 
     a = open_analysis(run_dir, "attention", heads=heads, intervention=intervention, conditions=conditions,

@@ -16,13 +16,16 @@ from typing import Any
 import pandas as pd
 import torch
 
-from halluscope.analysis.probabilities import RunPrompt, placed_prompts, typed_values
+from halluscope.analysis.probabilities import PROMPT_SCHEMA, VALUE, RunPrompt, placed_prompts, typed_table
 from halluscope.errors import InputError
+from halluscope.sweep.slot import slot_logprobs
+from halluscope.runs import locked_step
 
 __all__ = ["layer_logits", "logit_lens", "summarize_lens", "lens_step"]
 
-_LENS_COLUMNS = ["sample_id", "condition", "truth", "claim", "contrast", "setting", "form", "layer",
-                 "p_truth", "rank_truth", "p_claim", "rank_claim"]
+_LENS_SCHEMA = {**PROMPT_SCHEMA, "contrast": VALUE, "setting": "string", "form": "string", "tokens_truth": "int64",
+                "tokens_claim": "int64", "layer": "int64",
+                "p_truth": "float64", "rank_truth": "Int64", "p_claim": "float64", "rank_claim": "Int64"}
 
 
 def layer_logits(vlm, batch, positions: int | Sequence[int] = -1) -> torch.Tensor:
@@ -79,8 +82,10 @@ def logit_lens(vlm, prompts: Sequence[RunPrompt], heads=None, *, mode: str = "ze
 
     Returns:
         One row per (sample_id, setting, form, layer): `sample_id, condition, truth, claim, contrast, setting,
-        form, layer, p_truth, rank_truth, p_claim, rank_claim`; the claim columns are NaN for base and control
-        prompts (see `halluscope.analysis.probabilities` for the contrast). Rank 1 is the top token.
+        form, tokens_truth, tokens_claim, layer, p_truth, rank_truth, p_claim, rank_claim`. `p_truth` is the
+        probability of the truth's whole word (`tokens_truth` tokens, teacher-forced) read through that layer's
+        lens at each of its positions; `rank_truth` ranks the word's first token at the slot (1 = top). The claim
+        columns are NaN for base and control prompts (see `halluscope.analysis.probabilities` for the contrast).
 
     Raises:
         InputError: an unknown mode or heads outside the model.
@@ -100,25 +105,26 @@ def logit_lens(vlm, prompts: Sequence[RunPrompt], heads=None, *, mode: str = "ze
     rows: list[dict[str, Any]] = []
     for prompt, setup in placed_prompts(vlm, prompts, max_new_tokens=max_new_tokens, on_prompt=on_prompt,
                                         on_skip=on_skip):
-        for batch, forms in setup.groups:
+        for slot in setup.slots:
+            first_ids = {(w.form, w.role): w.ids[0] for w in slot.words}
             for setting, iv in settings:
                 with nullcontext() if iv is None else intervene(vlm, iv, means=means):
-                    lens = layer_logits(vlm, batch)[0, :, 0]  # [layer, vocab]
-                probs = lens.softmax(-1)
-                for form, (truth_id, claim_id) in forms.items():
-                    for layer in range(lens.shape[0]):
+                    scores, at_slot = slot_logprobs(  # rows are layers
+                        slot, lambda batch, m: layer_logits(vlm, batch, positions=list(range(-m, 0)))[0])
+                for form, (n_truth, n_claim) in slot.forms().items():
+                    truth, claim = scores[form, "truth"].exp(), scores[form, "claim"].exp()
+                    for layer in range(at_slot.shape[0]):
                         rows.append({
                             "sample_id": prompt.sample_id, "condition": prompt.condition, "truth": prompt.truth,
                             "claim": prompt.claim, "contrast": prompt.contrast, "setting": setting, "form": form,
-                            "layer": layer, "p_truth": float(probs[layer, truth_id]),
-                            "rank_truth": _rank(lens[layer], truth_id),
-                            "p_claim": float(probs[layer, claim_id]) if prompt.misleading else float("nan"),
-                            "rank_claim": _rank(lens[layer], claim_id) if prompt.misleading else float("nan"),
+                            "tokens_truth": n_truth, "tokens_claim": n_claim, "layer": layer,
+                            "p_truth": float(truth[layer]),
+                            "rank_truth": _rank(at_slot[layer], first_ids[form, "truth"]),
+                            "p_claim": float(claim[layer]) if prompt.misleading else float("nan"),
+                            "rank_claim": _rank(at_slot[layer], first_ids[form, "claim"]) if prompt.misleading
+                            else None,
                         })
-    frame = typed_values(pd.DataFrame(rows, columns=_LENS_COLUMNS))
-    frame["rank_truth"] = frame["rank_truth"].astype("Int64")
-    frame["rank_claim"] = pd.array([None if pd.isna(v) else int(v) for v in frame["rank_claim"]], dtype="Int64")
-    return frame
+    return typed_table(rows, _LENS_SCHEMA, prompts)
 
 
 def summarize_lens(table: pd.DataFrame) -> pd.DataFrame:
@@ -129,7 +135,7 @@ def summarize_lens(table: pd.DataFrame) -> pd.DataFrame:
     Raises:
         InputError: `table` lacks the columns of `logit_lens`.
     """
-    missing = [c for c in _LENS_COLUMNS if c not in table.columns]
+    missing = [c for c in _LENS_SCHEMA if c not in table.columns]
     if missing:
         raise InputError(f"lens table lacks columns {missing}; pass the output of logit_lens()")
     kind = table["condition"].map(lambda c: "truthful" if c in ("base", "control") else "misleading")
@@ -142,6 +148,7 @@ def summarize_lens(table: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
+@locked_step  # one writer per run, for the whole step
 def lens_step(run_dir, *, heads: str | None = None, intervention: str = "zero", conditions=None,
               limit: int | None = None, max_new_tokens: int | None = None, force: bool = False, vlm=None,
               progress=None, warn: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -171,7 +178,7 @@ def lens_step(run_dir, *, heads: str | None = None, intervention: str = "zero", 
     from halluscope.analysis.probabilities import compute_in_shards, missing_prompts, open_analysis, skip_reporter
     from halluscope.errors import RunError
     from halluscope.interventions.heads import format_heads
-    from halluscope.plots_analysis import plot_lens
+    from halluscope.plots.analysis_figures import plot_lens
     from halluscope.steps import no_progress
 
     a = open_analysis(run_dir, "lens", heads=heads, intervention=intervention, conditions=conditions, limit=limit,

@@ -29,7 +29,9 @@ import numpy as np
 import pandas as pd
 
 from halluscope.analysis.attention import TOKEN_CLASSES, query_attention, token_classes
+from halluscope.analysis.probabilities import PROMPT_SCHEMA, typed_table
 from halluscope.errors import HalluscopeError, InputError
+from halluscope.runs import locked_step
 
 __all__ = [
     "ImageGrid",
@@ -44,8 +46,8 @@ __all__ = [
     "attention_maps_step",
 ]
 
-_MAP_COLUMNS = ["sample_id", "condition", "layer", "head", "query_position", "n_keys", "image_share", "weights",
-                "token_class", "layout"]
+_MAP_SCHEMA = {**PROMPT_SCHEMA, "layer": "int64", "head": "int64", "query_position": "int64", "n_keys": "int64",
+               "image_share": "float64", "weights": "object", "token_class": "object", "layout": "string"}
 _CROP = re.compile(r"<row_(\d+)_col_(\d+)>")
 
 Box = tuple[float, float, float, float]
@@ -242,9 +244,9 @@ def attention_maps(vlm, prompts: Sequence, heads, *, on_prompt: Callable[[], Non
     """The attention row of the last prompt position for each head in `heads`, for each prompt (no ablation).
 
     Returns:
-        One row per (prompt, head): `sample_id, condition, layer, head, query_position, n_keys, image_share`,
-        `weights` (float16 bytes, `decode_weights`), `token_class` (int8 bytes, `decode_classes`) and
-        `layout` (JSON, `decode_layout`); `grid_values(row)` gives the maps over the image.
+        One row per (prompt, head): `sample_id, condition, truth, claim, layer, head, query_position, n_keys,
+        image_share`, `weights` (float16 bytes, `decode_weights`), `token_class` (int8 bytes, `decode_classes`)
+        and `layout` (JSON, `decode_layout`); `grid_values(row)` gives the maps over the image.
 
     Raises:
         InputError: no heads, or heads outside the model.
@@ -273,17 +275,19 @@ def attention_maps(vlm, prompts: Sequence, heads, *, on_prompt: Callable[[], Non
         for layer, chosen in by_layer.items():
             for head, row in zip(chosen, weights[layer]):
                 values = row.numpy()
-                rows.append({"sample_id": prompt.sample_id, "condition": prompt.condition, "layer": layer,
+                rows.append({"sample_id": prompt.sample_id, "condition": prompt.condition, "truth": prompt.truth,
+                             "claim": prompt.claim, "layer": layer,
                              "head": head, "query_position": position, "n_keys": len(values),
                              "image_share": float(values[image].sum()),
                              "weights": values.astype(np.float16).tobytes(),
                              "token_class": classes.numpy().astype(np.int8).tobytes(), "layout": layout})
         if on_prompt is not None:
             on_prompt()
-    return pd.DataFrame(rows, columns=_MAP_COLUMNS)
+    return typed_table(rows, _MAP_SCHEMA, prompts)
 
 
 
+@locked_step  # one writer per run, for the whole step
 def attention_maps_step(run_dir, *, heads: str, samples: int = 20, conditions=None, force: bool = False, vlm=None,
                         progress=None) -> dict[str, Any]:
     """`halluscope attention-maps`: attention rows of the first `samples` prompts for `heads`, and their maps.
@@ -309,9 +313,9 @@ def attention_maps_step(run_dir, *, heads: str, samples: int = 20, conditions=No
     from halluscope.analysis.probabilities import (SHARD_SIZE, compute_in_shards, parse_conditions,
                                                    prompts_of_run, resolve_run_heads)
     from halluscope.interventions.heads import format_heads
-    from halluscope.plots_analysis import plot_attention_map
+    from halluscope.plots.analysis_figures import plot_attention_map
     from halluscope.runs import Run
-    from halluscope.steps import no_progress, run_model
+    from halluscope.steps import head_spec, no_progress, run_model
 
     if samples < 1:
         raise InputError(f"samples must be >= 1, got {samples}; pass e.g. --samples 20")
@@ -319,7 +323,7 @@ def attention_maps_step(run_dir, *, heads: str, samples: int = 20, conditions=No
     baseline = run.read_table("baseline", hint="eval")
     head_set = resolve_run_heads(run, heads)
     prompts = prompts_of_run(run, baseline, conditions=conditions, limit=samples)
-    run.begin_step("attention-maps", {"heads": format_heads(head_set), "spec": heads, "samples": samples,
+    run.begin_step("attention-maps", {"heads": format_heads(head_set), "spec": head_spec(heads, head_set), "samples": samples,
                                       "conditions": parse_conditions(conditions), "shard_size": SHARD_SIZE},
                    force=force)
     vlm = run_model(run, vlm)

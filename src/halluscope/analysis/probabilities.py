@@ -3,22 +3,22 @@ chosen heads are scaled by alpha (1 = unchanged, 0 = knocked out).
 
 This module also owns what the analyses share: the prompts of a run (`RunPrompt`, `run_prompts`) and the
 answer position (`answer_setup`), which is the score-mode slot of `halluscope.sweep.engine.prepare_score`: the
-clean reply is teacher-forced up to its number (or its first token when it states none), and each answer form
-(digits, words) is scored at the first sub-token where the truth's and the claim's spelling differ.
+clean reply is teacher-forced up to its answer word (or its first token when it states none), and each answer
+form (digits, words) is scored there as a whole word: `p_truth` is the probability of the truth's full token
+sequence from the slot (`tokens_truth` tokens), `p_claim` the claim's.
 
 Fixes over the reference study (pih-reference.md §7, defect 13): one position, the answer slot, is scored with
 one teacher-forced forward per alpha, instead of the maximum over 75 free-running greedy steps; every alpha
 sees the same context (the baseline reply's prefix), so the numbers compare the same continuation.
 
 Base question and truthful control (no misleading claim): only `p_truth` is recorded; `p_claim` is NaN. The
-truth is scored at the sub-token where it differs from the `contrast`: the claim of the same image's nearest
-misleading prompt (truth+1 for counts evaluated with offset 1), or truth+1 for counts without one. So the base
-and control `p_truth` are measured at the same token as in the nearest misleading prompt.
+`contrast` places the slot as a claim would: the claim of the same image's nearest misleading prompt (truth+1
+for counts evaluated with offset 1), or truth+1 for counts without one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -28,13 +28,17 @@ import pandas as pd
 import torch
 
 from halluscope.errors import InputError
+from halluscope.runs import locked_step
 
 __all__ = [
     "RunPrompt",
     "run_prompts",
     "answer_setup",
     "placed_prompts",
-    "typed_values",
+    "VALUE",
+    "PROMPT_SCHEMA",
+    "value_dtype",
+    "typed_table",
     "parse_alphas",
     "token_probabilities",
     "summarize_probabilities",
@@ -49,7 +53,12 @@ __all__ = [
     "missing_prompts",
 ]
 
-_PROB_COLUMNS = ["sample_id", "condition", "truth", "claim", "contrast", "alpha", "form", "p_truth", "p_claim"]
+#: dtype of a table column that holds answer values (truth, claim, contrast); see `value_dtype`
+VALUE = "value"
+#: the columns every per-prompt analysis table starts with (`typed_table` schema)
+PROMPT_SCHEMA: dict[str, str] = {"sample_id": "string", "condition": "string", "truth": VALUE, "claim": VALUE}
+_PROB_SCHEMA = {**PROMPT_SCHEMA, "contrast": VALUE, "alpha": "float64", "form": "string", "tokens_truth": "int64",
+                "tokens_claim": "int64", "p_truth": "float64", "p_claim": "float64"}
 _NEEDED = ("sample_id", "image_id", "task", "condition", "truth", "claim", "prompt")
 
 
@@ -83,9 +92,12 @@ class RunPrompt:
 
 
 def _value(value: Any, task: str) -> int | str | None:
+    """A truth/claim of the baseline table as the prompt holds it: int for counting tasks, else str; None if missing."""
+    from halluscope.tasks.sample import INT_VALUED_TASKS
+
     if value is None or (not isinstance(value, str) and pd.isna(value)):
         return None
-    return int(value) if task == "count" else str(value)
+    return int(value) if task in INT_VALUED_TASKS else str(value)
 
 
 def run_prompts(baseline: pd.DataFrame, samples: Iterable, *, conditions: Iterable[str] | None = None,
@@ -176,19 +188,31 @@ def placed_prompts(vlm, prompts: Iterable[RunPrompt], *, max_new_tokens: int = 5
             on_prompt()
 
 
-def typed_values(frame: pd.DataFrame, columns: Sequence[str] = ("truth", "claim", "contrast")) -> pd.DataFrame:
-    """Truth/claim-like columns as nullable Int64 when they hold counts, else as text (None stays null)."""
-    for column in columns:
-        if column not in frame.columns:
-            continue
-        values = [v for v in frame[column] if v is not None and not (isinstance(v, float) and np.isnan(v))]
-        if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
-            frame[column] = pd.array([None if v is None or (isinstance(v, float) and np.isnan(v)) else int(v)
-                                      for v in frame[column]], dtype="Int64")
-        else:
-            frame[column] = pd.Series([None if v is None else str(v) for v in frame[column]], dtype=object,
-                                      index=frame.index)
-    return frame
+def value_dtype(prompts: Iterable[RunPrompt]) -> str:
+    """The dtype of the truth/claim/contrast columns: nullable "Int64" when every prompt's task counts (a
+    `halluscope.tasks.sample.INT_VALUED_TASKS` task), else "string"."""
+    from halluscope.tasks.sample import INT_VALUED_TASKS
+
+    return "Int64" if all(p.task in INT_VALUED_TASKS for p in prompts) else "string"
+
+
+def typed_table(rows: Sequence[Mapping[str, Any]], schema: Mapping[str, str],
+                prompts: Sequence[RunPrompt]) -> pd.DataFrame:
+    """`rows` as a frame with exactly the columns and dtypes of `schema`, whatever values a shard happens to hold.
+
+    Columns typed `VALUE` take `value_dtype(prompts)`. None and NaN stay missing (<NA>), so every shard of a
+    table has the same types, the shards concatenate without casts and parquet round-trips them.
+
+    Raises:
+        TypeError, ValueError: a value does not fit its column's dtype (e.g. 2.5 in an Int64 column).
+
+    Example:
+        >>> typed_table([{"claim": None}, {"claim": 5}], {"claim": VALUE}, prompts)["claim"].dtype
+        Int64Dtype()
+    """
+    values = value_dtype(prompts)
+    return pd.DataFrame({column: pd.Series([row[column] for row in rows], dtype=values if dtype == VALUE else dtype)
+                         for column, dtype in schema.items()})
 
 
 def parse_alphas(text: str) -> tuple[float, ...]:
@@ -228,6 +252,7 @@ def token_probabilities(vlm, prompts: Sequence[RunPrompt], heads, alphas: Sequen
         >>> token_probabilities(vlm, prompts, {(0, 3)}, alphas=(0, 1))
     """
     from halluscope.interventions.heads import HeadIntervention, intervene
+    from halluscope.sweep.slot import slot_logprobs
 
     if mode not in ("scale", "mean"):
         raise InputError(f"token probabilities scale heads with mode 'scale' or 'mean', got {mode!r}")
@@ -240,17 +265,18 @@ def token_probabilities(vlm, prompts: Sequence[RunPrompt], heads, alphas: Sequen
                                         on_skip=on_skip):
         for alpha in alphas:
             iv = HeadIntervention(frozenset(heads), mode=mode, alpha=alpha)
-            for batch, forms in setup.groups:
-                edit = nullcontext() if alpha == 1 else intervene(vlm, iv, means=means)
-                with edit, torch.inference_mode():
-                    logits = vlm.forward(batch, use_cache=False, logits_to_keep=1).logits[0, -1]
-                probs = logits.float().softmax(-1)
-                for form, (truth_id, claim_id) in forms.items():
+            for slot in setup.slots:
+                with nullcontext() if alpha == 1 else intervene(vlm, iv, means=means), torch.inference_mode():
+                    scores, _ = slot_logprobs(slot, lambda batch, m: vlm.forward(
+                        batch, use_cache=False, logits_to_keep=m).logits)
+                for form, (n_truth, n_claim) in slot.forms().items():
                     rows.append({"sample_id": prompt.sample_id, "condition": prompt.condition,
                                  "truth": prompt.truth, "claim": prompt.claim, "contrast": prompt.contrast,
-                                 "alpha": alpha, "form": form, "p_truth": float(probs[truth_id]),
-                                 "p_claim": float(probs[claim_id]) if prompt.misleading else float("nan")})
-    return typed_values(pd.DataFrame(rows, columns=_PROB_COLUMNS))
+                                 "alpha": alpha, "form": form, "tokens_truth": n_truth, "tokens_claim": n_claim,
+                                 "p_truth": float(scores[form, "truth"][0].exp()),
+                                 "p_claim": float(scores[form, "claim"][0].exp()) if prompt.misleading
+                                 else float("nan")})
+    return typed_table(rows, _PROB_SCHEMA, prompts)
 
 
 def summarize_probabilities(table: pd.DataFrame) -> pd.DataFrame:
@@ -259,7 +285,7 @@ def summarize_probabilities(table: pd.DataFrame) -> pd.DataFrame:
     Raises:
         InputError: `table` lacks the columns of `token_probabilities`.
     """
-    missing = [c for c in _PROB_COLUMNS if c not in table.columns]
+    missing = [c for c in _PROB_SCHEMA if c not in table.columns]
     if missing:
         raise InputError(f"probability table lacks columns {missing}; pass the output of token_probabilities()")
     frame = table.assign(shift=table["p_claim"] - table["p_truth"])
@@ -338,14 +364,14 @@ def open_analysis(run_dir, step: str, *, heads: str | None, intervention: str, c
     """
     from halluscope.interventions.heads import format_heads
     from halluscope.runs import Run
-    from halluscope.steps import load_means, run_model
+    from halluscope.steps import head_spec, load_means, run_model
 
     run = Run.open(run_dir)
     baseline = run.read_table("baseline", hint="eval")
     head_set = resolve_run_heads(run, heads) if heads or not optional_heads else frozenset()
     prompts = prompts_of_run(run, baseline, conditions=conditions, limit=limit)
     budget = reply_budget(run, max_new_tokens)
-    run.begin_step(step, {"heads": format_heads(head_set) or None, "spec": heads, **arguments,
+    run.begin_step(step, {"heads": format_heads(head_set) or None, "spec": head_spec(heads, head_set), **arguments,
                           "intervention": intervention, "conditions": parse_conditions(conditions), "limit": limit,
                           "max_new_tokens": budget, "shard_size": SHARD_SIZE}, force=force)
     vlm = run_model(run, vlm)
@@ -386,6 +412,7 @@ def skip_reporter(warn: Callable[[str], None] | None, skipped: list[dict[str, st
     return on_skip
 
 
+@locked_step  # one writer per run, for the whole step
 def probs_step(run_dir, *, heads: str, alphas: str | Sequence[float] = (0, 0.25, 0.5, 0.75, 1),
                intervention: str = "scale", conditions=None, limit: int | None = None,
                max_new_tokens: int | None = None, force: bool = False, vlm=None, progress=None,
@@ -413,7 +440,7 @@ def probs_step(run_dir, *, heads: str, alphas: str | Sequence[float] = (0, 0.25,
     """
     from halluscope.errors import RunError
     from halluscope.interventions.heads import format_heads
-    from halluscope.plots_analysis import plot_probability_shift
+    from halluscope.plots.analysis_figures import plot_probability_shift
     from halluscope.steps import no_progress
 
     values = parse_alphas(alphas) if isinstance(alphas, str) else parse_alphas(",".join(map(str, alphas)))
@@ -430,9 +457,8 @@ def probs_step(run_dir, *, heads: str, alphas: str | Sequence[float] = (0, 0.25,
     if table.empty:
         raise RunError(f"no prompt of {run.path} could be scored ({len(skipped)} skipped); see the skip messages")
     run.write_table("probs", table)
-    summary = summarize_probabilities(table)
-    for form in sorted(set(summary["form"])):
-        plot_probability_shift(summary, run.plots_dir / f"probs_{form}.png", form=form,
+    for form in sorted(set(table["form"])):
+        plot_probability_shift(table, run.plots_dir / f"probs_{form}.png", form=form,
                                title=f"answer probabilities vs strength of {format_heads(head_set)} ({form} form)")
     result = {"heads": format_heads(head_set), "alphas": list(values), "prompts": int(table["sample_id"].nunique()),
               "rows": len(table), "skipped": missing_prompts(prompts, table)}

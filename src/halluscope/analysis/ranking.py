@@ -407,7 +407,7 @@ def resolve_head_set(
 def correction_matrix(sweep: pd.DataFrame, n_layers: int, n_heads: int) -> np.ndarray:
     """Overall correction rate per head as a `[layer, head]` float array, NaN where a head was not swept.
 
-    Feed it to `halluscope.plots.plot_head_heatmap`.
+    Feed it to `halluscope.plots.run_figures.plot_head_heatmap`.
 
     Raises:
         InputError: as `head_rates`, or the sweep has a head outside `n_layers` x `n_heads`.

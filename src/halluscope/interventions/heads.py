@@ -20,6 +20,9 @@ tensor [batch, layer, head] (1 = untouched), so one batch can carry a different 
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -72,10 +75,11 @@ class HeadIntervention:
     positions: str = "all"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "heads", frozenset((int(l), int(h)) for l, h in self.heads))
-        if self.mode not in MODES:
+        object.__setattr__(self, "heads", _head_pairs(self.heads))
+        object.__setattr__(self, "alpha", _finite_alpha(self.alpha))
+        if not isinstance(self.mode, str) or self.mode not in MODES:
             raise InputError(f"unknown intervention mode {self.mode!r}; use one of {', '.join(MODES)}")
-        if self.positions not in POSITIONS:
+        if not isinstance(self.positions, str) or self.positions not in POSITIONS:
             raise InputError(f"unknown positions {self.positions!r}; use one of {', '.join(POSITIONS)}")
 
     def check(self, n_layers: int, n_heads: int) -> None:
@@ -84,6 +88,52 @@ class HeadIntervention:
         if bad:
             raise InputError(f"heads {format_heads(bad)} are out of range; this model has layers 0..{n_layers - 1} "
                              f"and heads 0..{n_heads - 1}")
+
+
+_PAIRS_HINT = "pass (layer, head) pairs of non-negative integers, e.g. {(0, 3), (11, 15)}"
+
+
+def _index(value: object) -> int | None:
+    """`value` as an int if it is an integer (Python, numpy or 0-d torch), else None; bools are not integers."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _head_pairs(heads: object) -> frozenset[tuple[int, int]]:
+    """`heads` as a frozenset of (layer, head) int pairs, or an InputError naming the first bad entry."""
+    if isinstance(heads, str):
+        raise InputError(f"heads {heads!r} is a string; parse it with parse_heads({heads!r}) or {_PAIRS_HINT}")
+    try:
+        entries = list(heads)  # type: ignore[call-overload]
+    except TypeError:
+        raise InputError(f"heads {heads!r} is not a collection; {_PAIRS_HINT}") from None
+    pairs = set()
+    for entry in entries:
+        pair = tuple(entry) if isinstance(entry, (tuple, list)) else ()
+        layer, head = [_index(v) for v in pair] if len(pair) == 2 else (None, None)
+        if layer is None or head is None or layer < 0 or head < 0:
+            raise InputError(f"bad head {entry!r} in heads; {_PAIRS_HINT}")
+        pairs.add((layer, head))
+    return frozenset(pairs)
+
+
+def _finite_alpha(alpha: object) -> float:
+    """`alpha` as a float, or an InputError if it is not a finite real number."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (numbers.Real, torch.Tensor)):
+        raise InputError(f"alpha {alpha!r} is not a number; pass a finite float (0 knocks the heads out, "
+                         f"1 leaves them unchanged)")
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError, RuntimeError):  # e.g. a tensor of several values
+        raise InputError(f"alpha {alpha!r} is not a single number; pass a finite float such as 0.5") from None
+    if not math.isfinite(value):
+        raise InputError(f"alpha {alpha!r} is not finite; pass a finite float (0 knocks the heads out, "
+                         f"1 leaves them unchanged)")
+    return value
 
 
 class HeadHooks:

@@ -1,4 +1,4 @@
-"""Metrics over run tables: prompt-induced hallucination (PIH) rates now; POPE and CHAIR later.
+"""Metrics: prompt-induced hallucination (PIH) rates over run tables; POPE and CHAIR over any model's replies.
 
 Names are re-exported lazily, so `import halluscope.metrics` costs nothing until a metric is used.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = [
+_PIH = [
     "BASE",
     "CONTROL",
     "OUTCOMES",
@@ -23,8 +23,17 @@ __all__ = [
     "summarize",
     "truth_sort_key",
 ]
+_CHAIR = ["chair_ground_truth", "evaluate_chair", "extract_objects", "score_chair"]
+_POPE = ["build_pope", "load_pope_questions", "parse_yes_no", "pope_metrics", "score_pope", "write_pope_questions"]
+_OTHER = {"coco_vocabulary": "vocabulary", "load_vocabulary": "vocabulary", "load_nlp": "nlp", "image_objects": "coco"}
 
-_LAZY = {name: "halluscope.metrics.pih" for name in __all__}
+_LAZY = {
+    **{name: "halluscope.metrics.pih" for name in _PIH},
+    **{name: "halluscope.metrics.chair" for name in _CHAIR},
+    **{name: "halluscope.metrics.pope" for name in _POPE},
+    **{name: f"halluscope.metrics.{module}" for name, module in _OTHER.items()},
+}
+__all__ = sorted(_LAZY)
 
 
 def __getattr__(name: str) -> Any:

@@ -19,7 +19,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerFast
 from halluscope.models.families import FAMILIES, get_family
 from halluscope.models.processors import processor_class
 
-__all__ = ["TINY_FAMILIES", "QWEN_SPECIALS", "QWEN_TEMPLATE", "build_tiny", "qwen_chat_template", "build_tiny_models", "tokenizer_corpus",
+__all__ = ["TINY_FAMILIES", "QWEN_SPECIALS", "QWEN_TEMPLATE", "build_tiny", "qwen_chat_template", "build_tiny_models", "tokenizer_corpus", "split_word_corpus",
            "train_tokenizer"]
 
 TINY_FAMILIES: tuple[str, ...] = tuple(FAMILIES)
@@ -53,6 +53,21 @@ def tokenizer_corpus(n: int = 3000, seed: int = 0) -> Iterator[str]:
         t = rng.choice(templates)
         w = rng.choice(_WORDS)
         yield t.format(w=w, W=w.capitalize(), d=rng.randint(0, 120)).replace("{w}", rng.choice(_WORDS))
+
+
+_ANSWER_WORDS = frozenset(_WORDS[: _WORDS.index("gray") + 1])  # the number and colour words
+
+
+def split_word_corpus() -> list[str]:
+    """`tokenizer_corpus()` without the number and colour words, plus their pieces (2 for short words, 3 for
+    long ones) as separate words: a tokenizer trained on it spells those words with several tokens."""
+    corpus = [" ".join(w for w in line.split() if w.strip(".,?").lower() not in _ANSWER_WORDS)
+              for line in tokenizer_corpus()]
+    for word in sorted(_ANSWER_WORDS):
+        step = -(-len(word) // (2 if len(word) < 7 else 3))
+        first, *rest = [word[i:i + step] for i in range(0, len(word), step)]
+        corpus += [f"x {first}"] * 20 + rest * 20  # a leading piece after a space, the others word-initially
+    return corpus
 
 
 def train_tokenizer(specials: list[str], *, bos: str | None, eos: str, pad: str, unk: str | None,
@@ -113,13 +128,9 @@ def qwen_chat_template(system: str | None = "You are a helpful assistant.") -> s
 QWEN_TEMPLATE = qwen_chat_template()
 
 
-def _qwen_tokenizer() -> PreTrainedTokenizerFast:
-    return train_tokenizer(QWEN_SPECIALS, bos=None, eos="<|im_end|>", pad="<|endoftext|>", unk=None,
-                            chat_template=QWEN_TEMPLATE)
-
-
-def _qwen_like(name: str) -> tuple:
-    tok = _qwen_tokenizer()
+def _qwen_like(name: str, corpus: list[str] | None) -> tuple:
+    tok = train_tokenizer(QWEN_SPECIALS, bos=None, eos="<|im_end|>", pad="<|endoftext|>", unk=None,
+                          chat_template=QWEN_TEMPLATE, corpus=corpus)
     ids = {k: tok.convert_tokens_to_ids(t) for k, t in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
@@ -141,10 +152,10 @@ def _qwen_like(name: str) -> tuple:
     return config, processor, tok.convert_tokens_to_ids("<|im_end|>")
 
 
-def _llava() -> tuple:
+def _llava(corpus: list[str] | None) -> tuple:
     template = _template("", "USER: ", "<image>\n", " ", "ASSISTANT:", bos="")
     tok = train_tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], bos="<s>", eos="</s>", pad="<pad>",
-                           unk="<unk>", chat_template=template)
+                           unk="<unk>", chat_template=template, corpus=corpus)
     config = transformers.LlavaConfig(
         vision_config=transformers.CLIPVisionConfig(**_VISION, image_size=224, patch_size=32),
         text_config=transformers.LlamaConfig(**_TEXT, vocab_size=len(tok)),
@@ -158,10 +169,10 @@ def _llava() -> tuple:
     return config, processor, tok.eos_token_id
 
 
-def _llava_onevision() -> tuple:
+def _llava_onevision(corpus: list[str] | None) -> tuple:
     template = _template("", "<|im_start|>user ", "<image>\n", "<|im_end|>\n", "<|im_start|>assistant\n")
     tok = train_tokenizer(QWEN_SPECIALS + ["<image>", "<video>"], bos=None, eos="<|im_end|>",
-                           pad="<|endoftext|>", unk=None, chat_template=template)
+                           pad="<|endoftext|>", unk=None, chat_template=template, corpus=corpus)
     pinpoints = [[224, 224], [224, 448], [448, 224], [448, 448]]
     config = transformers.LlavaOnevisionConfig(
         vision_config=transformers.SiglipVisionConfig(**_VISION, image_size=224, patch_size=32,
@@ -180,12 +191,12 @@ def _llava_onevision() -> tuple:
     return config, processor, tok.convert_tokens_to_ids("<|im_end|>")
 
 
-def _idefics_like(name: str) -> tuple:
+def _idefics_like(name: str, corpus: list[str] | None) -> tuple:
     specials = ["<|endoftext|>", "<|im_start|>", "<fake_token_around_image>", "<image>", "<end_of_utterance>",
                 "<global-img>"] + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
     template = _template("", "<|im_start|>User:", "<image>", "<end_of_utterance>\n", "Assistant:", bos="")
     tok = train_tokenizer(specials, bos="<|im_start|>", eos="<end_of_utterance>", pad="<|endoftext|>", unk=None,
-                           chat_template=template)
+                           chat_template=template, corpus=corpus)
     vision = dict(_VISION, image_size=224, patch_size=16)
     text = transformers.LlamaConfig(**_TEXT, vocab_size=len(tok))
     image_id = tok.convert_tokens_to_ids("<image>")
@@ -206,7 +217,7 @@ def _idefics_like(name: str) -> tuple:
     return config, processor, tok.convert_tokens_to_ids("<end_of_utterance>")
 
 
-def _janus() -> tuple:
+def _janus(corpus: list[str] | None) -> tuple:
     system = ("You are a helpful language and vision assistant. You are able to understand the visual content "
               "that the user provides, and assist the user with a variety of tasks using natural language.\n\n")
     template = _template(system, "<|User|>: ", "<image_placeholder>\n", "\n\n", "<|Assistant|>:", bos="")
@@ -214,7 +225,7 @@ def _janus() -> tuple:
                 "<begin_of_image>", "<end_of_image>", "<|User|>", "<|Assistant|>"]
     tok = train_tokenizer(
         specials, bos="<|begin_of_sentence|>", eos="<|end_of_sentence|>", pad="<pad>", unk=None,
-        chat_template=template,
+        chat_template=template, corpus=corpus,
         extra={"image_token": "<image_placeholder>", "boi_token": "<begin_of_image>", "eoi_token": "<end_of_image>"},
     )
     config = transformers.JanusConfig(
@@ -232,24 +243,31 @@ def _janus() -> tuple:
     return config, processor, tok.eos_token_id
 
 
-_BUILDERS: dict[str, Callable[[], tuple]] = {
-    "qwen2_vl": lambda: _qwen_like("qwen2_vl"),
-    "qwen2_5_vl": lambda: _qwen_like("qwen2_5_vl"),
+_BUILDERS: dict[str, Callable[[list[str] | None], tuple]] = {
+    "qwen2_vl": lambda corpus: _qwen_like("qwen2_vl", corpus),
+    "qwen2_5_vl": lambda corpus: _qwen_like("qwen2_5_vl", corpus),
     "llava": _llava,
     "llava_onevision": _llava_onevision,
-    "idefics3": lambda: _idefics_like("idefics3"),
-    "smolvlm": lambda: _idefics_like("smolvlm"),
+    "idefics3": lambda corpus: _idefics_like("idefics3", corpus),
+    "smolvlm": lambda corpus: _idefics_like("smolvlm", corpus),
     "janus": _janus,
 }
 
 
-def build_tiny(family: str, out: str | Path, *, seed: int = 0) -> Path:
-    """Build a tiny random checkpoint of `family` and save model + processor to `out`; returns `out`."""
+def build_tiny(family: str, out: str | Path, *, seed: int = 0, split_answer_words: bool = False) -> Path:
+    """Build a tiny random checkpoint of `family` and save model + processor to `out`; returns `out`.
+
+    `split_answer_words` trains its tokenizer on `split_word_corpus()`, so that most number and colour words take
+    2-4 tokens (" seven" -> " sev", "en"), as rarer words do in real tokenizers.
+    """
     fam = get_family(family)
-    config, processor, eos_id = _BUILDERS[fam.name]()
+    config, processor, eos_id = _BUILDERS[fam.name](split_word_corpus() if split_answer_words else None)
     tok = processor.tokenizer
     for cfg in (config, getattr(config, fam.text_config_field)):
-        cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_token_id, eos_id, tok.pad_token_id
+        for name, value in (("bos_token_id", tok.bos_token_id), ("eos_token_id", eos_id),
+                            ("pad_token_id", tok.pad_token_id)):
+            if not isinstance(getattr(type(cfg), name, None), property):  # deprecated aliases of the text config's
+                setattr(cfg, name, value)
     torch.manual_seed(seed)
     model = getattr(transformers, fam.model_class)(config).eval()
     model.generation_config = GenerationConfig(
@@ -263,6 +281,7 @@ def build_tiny(family: str, out: str | Path, *, seed: int = 0) -> Path:
 
 
 def build_tiny_models(out: str | Path, families: tuple[str, ...] | list[str] = TINY_FAMILIES,
-                      *, seed: int = 0) -> dict[str, Path]:
+                      *, seed: int = 0, split_answer_words: bool = False) -> dict[str, Path]:
     """Build tiny checkpoints of several families under `out/<family>`; returns family -> directory."""
-    return {name: build_tiny(name, Path(out) / name, seed=seed) for name in families}
+    return {name: build_tiny(name, Path(out) / name, seed=seed, split_answer_words=split_answer_words)
+            for name in families}

@@ -174,7 +174,8 @@ class VLM:
         """Turn (image, prompt) pairs into one left-padded batch on the model's device.
 
         Raises:
-            InputError: an empty list, a pair without an image or prompt, or an image that cannot be read.
+            InputError: an empty list, a pair without an image or prompt, an image that cannot be read, or a
+                prompt longer (with its image tokens and chat template) than the model's maximum positions.
         """
         if len(pairs) == 0:
             raise InputError("encode() got an empty list; pass at least one (image, prompt) pair")
@@ -196,8 +197,22 @@ class VLM:
             k: v.to(self.device, self.dtype if v.is_floating_point() else None) for k, v in inputs.items()
             if isinstance(v, torch.Tensor)
         }
+        self._check_length(inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])))
         image_mask = inputs["input_ids"] == self.image_token_id
         return Batch(inputs, image_mask, [_spans(row) for row in image_mask])
+
+    def _check_length(self, attention_mask: torch.Tensor) -> None:
+        """Refuse rows with more tokens than the language model has positions (`max_position_embeddings`)."""
+        limit = getattr(self.text_config, "max_position_embeddings", None)
+        if not limit:
+            return
+        lengths = attention_mask.sum(dim=1).tolist()
+        too_long = [(i, n) for i, n in enumerate(lengths) if n > limit]
+        if too_long:
+            row, length = too_long[0]
+            raise InputError(f"pair {row} encodes to {length} tokens (image, prompt and chat template), more than "
+                             f"this model's {limit} positions (max_position_embeddings); shorten the prompt or "
+                             f"use a smaller image")
 
     # ---- running -------------------------------------------------------------------------------------
     def forward(self, batch: Batch, **kwargs: Any) -> Any:
@@ -238,8 +253,10 @@ class VLM:
         return rows
 
     def decode(self, ids: torch.Tensor) -> list[str]:
-        """The reply text of each row of generated ids, special tokens removed."""
-        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        """The reply text of each row of generated ids: its tokens before its first end token (EOS, or the pad
+        token generate writes once a row has ended), the tokens `reply_ids` keeps, special tokens removed."""
+        rows = [row[:-1] if row and row[-1] in self.end_token_ids else row for row in self.reply_ids(ids)]
+        return [t.strip() for t in self.tokenizer.batch_decode(rows, skip_special_tokens=True)]
 
     def generate(self, batch: Batch, max_new_tokens: int = 50) -> list[str]:
         """Greedy replies (the assistant's text only), one per row."""

@@ -1,4 +1,4 @@
-"""The organism's model card: what it was trained on, how to rebuild it, what it measurably does, its limits."""
+"""The PIH organism's model card: what it was trained on, how to rebuild it, what it measurably does, its limits."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from halluscope.organism.recipe import Recipe
+from halluscope.organism.recipe import PIHRecipe
 
-__all__ = ["write_card", "DESIGN_NOTES"]
+__all__ = ["write_card", "headline", "DESIGN_NOTES"]
 
 DESIGN_NOTES = """\
 The starting point was a feasibility study (4 layers x 2 or 4 heads, hidden 128, 1,800 steps): it showed the
@@ -37,7 +37,15 @@ def _pct(value: Any) -> str:
     return "-" if value is None else f"{100 * float(value):.0f}%"
 
 
-def write_card(out: str | Path, recipe: Recipe, report: dict[str, Any], *, train_seconds: float | None,
+def headline(report: dict[str, Any]) -> str:
+    """The card's figures in one line, as `halluscope organism train` prints them."""
+    b = report["behaviour"]
+    return (f"counting {_pct(b['base_accuracy'])}, colour {_pct(b['color_accuracy'])}, copy 1-3 "
+            f"{_pct(b['copy_rate_counts_1_3'])}, copy 7-9 {_pct(b['copy_rate_counts_7_9'])}; head set: "
+            f"{(report['head_set']['best'] or {}).get('heads', 'none met the target')}")
+
+
+def write_card(out: str | Path, recipe: PIHRecipe, report: dict[str, Any], *, train_seconds: float | None,
                command: str) -> Path:
     """Write MODEL_CARD.md and behaviour.json into `out`; returns the card's path."""
     out = Path(out)

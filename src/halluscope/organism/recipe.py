@@ -1,16 +1,22 @@
-"""What the model organism is: its architecture, tokenizer, processor and training targets, in one place.
+"""What a model organism is: its architecture, tokenizer, processor and optimiser, in one place shared by every
+kind of organism, and the PIH kind's training targets.
 
-The organism is a tiny `Qwen2VLForConditionalGeneration` trained from scratch on the synthetic counting and
-colour tasks, with targets that copy a misleading prompt's claim with a probability that rises with the true
-count (and falls with colour distance), as the PIH paper found in 7B models.
+Every organism is a tiny `Qwen2VLForConditionalGeneration` trained from scratch. `Recipe` holds what all kinds
+share; a kind subclasses it with its data settings and its prompts and replies (`corpus`). The PIH kind
+(`PIHRecipe`) is trained on the synthetic counting and colour tasks, with targets that copy a misleading prompt's
+claim with a probability that rises with the true count (and falls with colour distance), as the PIH paper found
+in 7B models; the scenes kind lives in `organism/scenes/`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar
 
 import transformers
 
+from halluscope.errors import InputError
 from halluscope.models.families import get_family
 from halluscope.models.processors import processor_class
 from halluscope.models.tiny import QWEN_SPECIALS, qwen_chat_template, train_tokenizer
@@ -22,13 +28,15 @@ from halluscope.tasks.scenes import SHAPE_PLURALS, SHAPES
 # No system turn: it would double the sequence length of this tiny model's training examples.
 CHAT_TEMPLATE = qwen_chat_template(system=None)
 
-__all__ = ["CHAT_TEMPLATE", "Recipe", "count_answer", "color_answer", "build_tokenizer", "build_processor", "build_model"]
+__all__ = ["CHAT_TEMPLATE", "Recipe", "PIHRecipe", "count_answer", "color_answer", "recipe_from_dict",
+           "build_tokenizer", "build_processor", "build_model"]
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """Every setting that decides the trained organism (the seed included)."""
+    """Every setting an organism's kinds share (the seed included); a kind adds its data settings."""
 
+    kind: ClassVar[str] = ""
     seed: int = 0
     steps: int = 2400
     batch_size: int = 64
@@ -51,7 +59,21 @@ class Recipe:
     # regularisation: each (row, layer, head) is zeroed with this probability while training, so a knockout
     # is a state the model has seen and a knocked-out head does not throw the rest of the network off.
     drophead: float = 0.1
-    # data
+
+    def to_dict(self) -> dict:
+        """The settings as plain values, the kind first (what trainlog.json and the resume check store)."""
+        return {"kind": self.kind, **asdict(self)}
+
+    def corpus(self) -> Iterator[str]:
+        """Every prompt and reply the organism can see, for training its tokenizer."""
+        raise NotImplementedError(f"{type(self).__name__} must say what text its organism sees")
+
+
+@dataclass(frozen=True)
+class PIHRecipe(Recipe):
+    """The PIH organism: counting and colour scenes whose describe prompts overstate what the image shows."""
+
+    kind: ClassVar[str] = "pih"
     max_count: int = 9
     offsets: tuple[int, ...] = count_task.DEFAULT_OFFSETS
     distances: tuple[int, ...] = (1, 2, 3)
@@ -63,8 +85,36 @@ class Recipe:
     pool_color_images: int = 1500
     shapes: tuple[str, ...] = field(default=SHAPES)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def corpus(self) -> Iterator[str]:
+        top = self.max_count + max(self.offsets)
+        for shape in self.shapes:
+            noun = SHAPE_PLURALS[shape]
+            yield count_task.BASE_TEMPLATE.format(obj=noun)
+            for n in range(1, top + 1):
+                yield count_task.DESCRIBE_TEMPLATE.format(n=n, obj=noun)
+                yield count_answer(n, noun)
+            for colour in COLOR_CYCLE:
+                yield color_task.BASE_TEMPLATE.format(object=shape)
+                yield color_task.DESCRIBE_TEMPLATE.format(color=colour, object=shape)
+                yield color_answer(colour, shape)
+
+
+def recipe_from_dict(values: Mapping[str, Any]) -> Recipe:
+    """The recipe a trainlog.json stores (lists back to tuples); one without a kind is a PIH recipe (the first
+    organism's log predates kinds).
+
+    Raises:
+        InputError: an unknown kind, or settings the kind's recipe does not have.
+    """
+    from halluscope.organism.kinds import get_kind
+
+    values = dict(values)
+    cls = get_kind(values.pop("kind", "pih")).load("recipe")
+    unknown = sorted(set(values) - {f.name for f in fields(cls)})
+    if unknown:
+        raise InputError(f"recipe settings {unknown} are not settings of {cls.__name__}; pass a trainlog.json "
+                         f"written by `halluscope organism train`")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def count_answer(n: int, noun: str) -> str:
@@ -77,24 +127,9 @@ def color_answer(color: str, obj: str) -> str:
     return f"The {obj} is {color}."
 
 
-def _corpus(recipe: Recipe):
-    """Every prompt and reply the organism can see, for training its tokenizer."""
-    top = recipe.max_count + max(recipe.offsets)
-    for shape in recipe.shapes:
-        noun = SHAPE_PLURALS[shape]
-        yield count_task.BASE_TEMPLATE.format(obj=noun)
-        for n in range(1, top + 1):
-            yield count_task.DESCRIBE_TEMPLATE.format(n=n, obj=noun)
-            yield count_answer(n, noun)
-        for colour in COLOR_CYCLE:
-            yield color_task.BASE_TEMPLATE.format(object=shape)
-            yield color_task.DESCRIBE_TEMPLATE.format(color=colour, object=shape)
-            yield color_answer(colour, shape)
-
-
 def build_tokenizer(recipe: Recipe):
     """A small BPE tokenizer trained on the organism's own prompts and replies (Qwen chat tokens first)."""
-    corpus = [line for line in _corpus(recipe) for _ in range(20)]
+    corpus = [line for line in recipe.corpus() for _ in range(20)]
     return train_tokenizer(QWEN_SPECIALS, bos=None, eos="<|im_end|>", pad="<|endoftext|>", unk=None,
                            chat_template=CHAT_TEMPLATE, corpus=corpus, vocab_size=512)
 

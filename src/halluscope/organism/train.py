@@ -1,7 +1,8 @@
-"""Training the organism from scratch, deterministically for a seed and thread count, resumably.
+"""Training an organism of any kind from scratch, deterministically for a seed and thread count, resumably.
 
-A state file (model, optimiser, schedule and random states) is written atomically every `save_every` steps, so
-a killed run continues where it stopped and ends with the same weights as an uninterrupted one.
+The loop is the same for every kind; the recipe's kind decides the training data (`kinds.py`). A state file
+(model, optimiser, schedule and random states) is written atomically every `save_every` steps, so a killed run
+continues where it stopped and ends with the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Callable
 import torch
 
 from halluscope.errors import RunError
-from halluscope.organism.data import TrainingData
+from halluscope.organism.kinds import get_kind
 from halluscope.organism.recipe import Recipe, build_model, build_processor, build_tokenizer
 
 __all__ = ["train"]
@@ -76,9 +77,17 @@ def _save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def train(out: str | os.PathLike, recipe: Recipe = Recipe(), *, save_every: int = 250, log_every: int = 50,
+def train(out: str | os.PathLike, recipe: Recipe, *, save_every: int = 250, log_every: int = 50,
           log: Callable[[str], None] = print) -> Path:
-    """Train the organism into `out` (model, processor, trainlog.json); resumes from `out/train_state.pt`."""
+    """Train the organism `recipe` describes into `out` (model, processor, trainlog.json); resumes from
+    `out/train_state.pt`.
+
+    Raises:
+        RunError: `out` holds the state of a run with another recipe.
+
+    Example:
+        >>> train("organism-scenes/", SceneRecipe(seed=0))  # doctest: +SKIP
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(recipe.threads)
@@ -87,7 +96,7 @@ def train(out: str | os.PathLike, recipe: Recipe = Recipe(), *, save_every: int 
     processor = build_processor(recipe, tokenizer)
     model = build_model(recipe, tokenizer)
     model.train()
-    data = TrainingData(recipe, tokenizer, processor)
+    data = get_kind(recipe.kind).load("data")(recipe, tokenizer, processor)
     optimizer = _optimizer(model, recipe)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(recipe))
     rng = random.Random(f"{recipe.seed}:steps")
@@ -121,7 +130,7 @@ def train(out: str | os.PathLike, recipe: Recipe = Recipe(), *, save_every: int 
             ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
             if (step + 1) % log_every == 0:
                 history.append({"step": step + 1, "loss_ema": round(ema, 5), "lr": scheduler.get_last_lr()[0],
-                                "seconds": round(time.time() - began, 1)})
+                                "seconds": round(time.time() - began, 1), "load": round(os.getloadavg()[0], 2)})
                 log(f"step {step + 1}/{recipe.steps} loss {ema:.4f} ({time.time() - began:.0f}s)")
             if (step + 1) % save_every == 0 and step + 1 < recipe.steps:
                 _save_atomic({"step": step + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),

@@ -3,8 +3,9 @@
 For one prompt and a grid of (layer, head) knockouts the engine gives the same answers as the naive loop
 (one hook and one full forward or generate per head), for a fraction of the cost:
 
-- score mode teacher-forces the clean reply up to the answer (the first number it states, or the first reply
-  token when it states none) and reads the logits there, so one forward per knockout replaces a generate;
+- score mode teacher-forces the clean reply up to its answer word (the first number or colour it states, or the
+  first reply token when it states none) and scores the truth and the claim there as whole words (their full
+  token sequences, `sweep.slot`), so one forward per knockout replaces a generate;
 - the clean residual stream entering layer L is captured once per prompt and reused for every head of layer L
   (a knockout in layer L cannot change anything below it), so only layers L..end are recomputed;
 - the knockouts of a layer run as the rows of one batch, each row carrying its own head mask;
@@ -25,12 +26,14 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from num2words import num2words
 from transformers import DynamicCache
+from transformers.utils import ModelOutput
 
 from halluscope.answers import classify_reply, first_colour, parse_number
 from halluscope.errors import InputError
 from halluscope.interventions.heads import HeadHooks, HeadIntervention
 from halluscope.models.compat import cache_argument, output_cache, with_cache
 from halluscope.sweep.cache import pack_caches
+from halluscope.sweep.slot import AnswerSlot, append_tokens, outcome_of, place_answer, word_scores
 
 __all__ = ["SweepItem", "answer_decided", "ScoreSetup", "prepare_score", "score_prompt",
            "GenerateSetup", "prepare_generate", "generate_prompt", "naive_score", "naive_generate"]
@@ -87,23 +90,28 @@ def answer_decided(reply: str, parse: Callable[[str], Any] = parse_number) -> bo
 # ---- score mode -----------------------------------------------------------------------------------------
 @dataclass
 class ScoreSetup:
-    """A prompt prepared for scoring: teacher-forced inputs per form group and the candidate token ids."""
+    """A prompt prepared for scoring: its clean reply and the answer slots where truth and claim are scored as
+    whole words (see `halluscope.sweep.slot`)."""
 
     item: SweepItem
     clean_reply: str
-    # one entry per distinct teacher-forced sequence: (batch, {form: (truth_id, claim_id)})
-    groups: list[tuple[Any, dict[str, tuple[int, int]]]]
+    slots: list[AnswerSlot]
     prompt_len: int  # the prompt's tokens; the rest of each sequence is teacher-forced reply
-    # each group's clean layer inputs, captured on first use and shared by every later call (e.g. per layer)
+    # every input sequence's clean layer inputs, captured on first use and shared by every later call (per layer)
     captured: list[Any] = field(default_factory=list, repr=False)
 
+    def inputs(self) -> list[tuple[AnswerSlot, Any, list[int]]]:
+        """Every (slot, input sequence, indices of the slot's words it scores)."""
+        return [(slot, batch, indices) for slot in self.slots for batch, indices in slot.inputs]
+
     def layer_inputs(self, vlm) -> list["_LayerInputs"]:
-        """The clean layer inputs of every group, captured once."""
+        """The clean layer inputs of every input sequence, captured once."""
         if not self.captured:
-            for batch, _ in self.groups:
-                inputs = _LayerInputs(vlm)
-                inputs.capture(batch)
-                self.captured.append(inputs)
+            with _vision_once(vlm):  # every sequence holds the same image: its features are computed once
+                for _, batch, _ in self.inputs():
+                    inputs = _LayerInputs(vlm)
+                    inputs.capture(batch)
+                    self.captured.append(inputs)
         return self.captured
 
     def prompt_mask(self, batch) -> torch.Tensor:
@@ -113,44 +121,16 @@ class ScoreSetup:
         mask[:, self.prompt_len:] = 0
         return mask
 
-
-def _first_difference(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
-
-
-def _answer_start(vlm, reply_ids: list[int], item: SweepItem) -> int | None:
-    """Index of the reply token at which the reply's answer starts, or None if it states none."""
-    for k in range(1, len(reply_ids) + 1):
-        if item.classify(vlm.tokenizer.decode(reply_ids[:k], skip_special_tokens=True))[0] is not None:
-            return k - 1
-    return None
-
-
-def _append(batch, ids: list[int]):
-    """`batch` (one row) with `ids` appended as text tokens."""
-    from halluscope.models.vlm import Batch
-
-    if not ids:
-        return batch
-    extra = torch.tensor([ids], dtype=batch.input_ids.dtype, device=batch.input_ids.device)
-    inputs = dict(batch.inputs)
-    inputs["input_ids"] = torch.cat([batch.input_ids, extra], 1)
-    inputs["attention_mask"] = torch.cat([batch.attention_mask, torch.ones_like(extra)], 1)
-    if "mm_token_type_ids" in inputs:
-        inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(extra)], 1)
-    mask = torch.cat([batch.image_mask, torch.zeros_like(extra, dtype=torch.bool)], 1)
-    return Batch(inputs, mask, batch.image_spans)
+    def forms(self) -> dict[str, tuple[int, int]]:
+        """Per scored form: the token counts of the truth and of the claim."""
+        return {form: sizes for slot in self.slots for form, sizes in slot.forms().items()}
 
 
 def prepare_score(vlm, item: SweepItem, *, max_new_tokens: int = 50) -> ScoreSetup:
-    """The clean reply (see `SweepItem.reply_ids`) and the teacher-forced inputs at which truth and claim are
-    scored.
+    """The clean reply (see `SweepItem.reply_ids`) and the answer slots at which truth and claim are scored.
 
-    For each answer form (digit, word) the scored position is the first sub-token where the truth's and the
-    claim's spelling differ, after the clean reply's text that precedes its number.
+    Raises:
+        InputError: the prompt is not misleading, or no spelling tells truth and claim apart.
     """
     if item.claim is None or item.claim == item.truth:
         raise InputError(f"{item.sample_id}: score mode needs a misleading prompt (claim != truth), got "
@@ -158,69 +138,33 @@ def prepare_score(vlm, item: SweepItem, *, max_new_tokens: int = 50) -> ScoreSet
     batch = vlm.encode([(item.image, item.prompt)])
     reply_ids = _clean_reply(vlm, item, batch, max_new_tokens)[0]
     reply = vlm.tokenizer.decode(reply_ids, skip_special_tokens=True)
-    start = _answer_start(vlm, reply_ids, item)
-    if start is None:  # no number: score the reply's first token
-        context, sep = "", vlm.family.reply_separator
-    else:
-        context = vlm.tokenizer.decode(reply_ids[:start], skip_special_tokens=True)
-        rest = reply[len(context):] if reply.startswith(context) else reply
-        sep = rest[: len(rest) - len(rest.lstrip())]
-    prompt_text = vlm.render(item.prompt)
-    prompt_ids = vlm.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-
-    def tail(n: int, spell: Callable[[int], str]) -> list[int]:
-        full = vlm.tokenizer(prompt_text + context + sep + spell(n), add_special_tokens=False)["input_ids"]
-        if full[: len(prompt_ids)] != prompt_ids:
-            raise InputError(f"{item.sample_id}: the tokenizer merges the reply into the assistant prefix; "
-                             f"score mode cannot place the answer, use --mode generate")
-        return full[len(prompt_ids):]
-
-    groups: dict[tuple[int, ...], dict[str, tuple[int, int]]] = {}
-    for form, spell in item.spellings():
-        t_ids, c_ids = tail(item.truth, spell), tail(item.claim, spell)
-        n = _first_difference(t_ids, c_ids)
-        if n >= min(len(t_ids), len(c_ids)):
-            continue  # one spelling is a prefix of the other: no single position tells them apart
-        groups.setdefault(tuple(t_ids[:n]), {})[form] = (t_ids[n], c_ids[n])
-    if not groups:
-        raise InputError(f"{item.sample_id}: truth {item.truth} and claim {item.claim} cannot be told apart by "
-                         f"one token in this tokenizer; use --mode generate")
-    return ScoreSetup(item, reply, [(_append(batch, list(forced)), forms) for forced, forms in groups.items()],
-                      batch.seq_len)
+    return ScoreSetup(item, reply, place_answer(vlm, item, batch, reply_ids), batch.seq_len)
 
 
-def _score_rows(logits: torch.Tensor, forms: dict[str, tuple[int, int]]) -> list[dict[str, Any]]:
-    """Per row of last-position logits: truth - claim logit per form and the argmax outcome."""
-    rows = []
-    for row in logits.float():
-        out: dict[str, Any] = {}
-        top = int(row.argmax())
-        for form, (t, c) in forms.items():
-            out[f"logit_diff_{form}"] = float(row[t] - row[c])
-            if top == t:
-                out["outcome"] = "corrected"
-            elif top == c and out.get("outcome") != "corrected":
-                out["outcome"] = "copied"
-        out.setdefault("outcome", "other")
-        rows.append(out)
-    return rows
+def _score_rows(setup: ScoreSetup, per_input: list[dict[int, tuple[torch.Tensor, torch.Tensor]]],
+                rows: int) -> list[dict[str, Any]]:
+    """Per row: the truth - claim word log-probability per form, the token counts, and the greedy outcome.
 
-
-def _merge(per_group: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Combine per-group results (digit and word may be scored at different positions) row by row.
-
-    A row is `corrected` if any form's argmax is the truth, else `copied` if any is the claim, else `other`.
+    A row is `corrected` if greedy decoding spells the truth in any form, else `copied` if it spells the claim in
+    any, else `other`. For one-token words the log-probability difference is the logit difference.
     """
+    scores: dict[tuple[str, str], tuple[Any, torch.Tensor, torch.Tensor]] = {}
+    for (slot, _, _), found in zip(setup.inputs(), per_input):
+        for index, (logp, follows) in found.items():
+            word = slot.words[index]
+            scores[word.form, word.role] = (word, logp.tolist(), follows.tolist())
     rank = {"other": 0, "copied": 1, "corrected": 2}
-    merged = []
-    for rows in zip(*per_group):
-        out: dict[str, Any] = {"outcome": "other"}
-        for r in rows:
-            out.update({k: v for k, v in r.items() if k != "outcome"})
-            if rank[r["outcome"]] > rank[out["outcome"]]:
-                out["outcome"] = r["outcome"]
-        merged.append(out)
-    return merged
+    out: list[dict[str, Any]] = [{"outcome": "other"} for _ in range(rows)]
+    for form, (n_truth, n_claim) in setup.forms().items():
+        truth, lp_truth, follows_truth = scores[form, "truth"]
+        claim, lp_claim, follows_claim = scores[form, "claim"]
+        for r, result in enumerate(out):
+            result[f"logit_diff_{form}"] = lp_truth[r] - lp_claim[r]
+            result[f"tokens_truth_{form}"], result[f"tokens_claim_{form}"] = n_truth, n_claim
+            outcome = outcome_of(truth, claim, follows_truth[r], follows_claim[r])
+            if rank[outcome] > rank[result["outcome"]]:
+                result["outcome"] = outcome
+    return out
 
 
 class _LayerInputs:
@@ -300,6 +244,32 @@ def _patched_forward(module, forward: Callable) -> Iterator[None]:
             module.forward = previous
 
 
+@contextmanager
+def _vision_once(vlm) -> Iterator[None]:
+    """The vision tower answering a call with the very tensors of its previous call from that call's output (the
+    same inputs give the same output), for the body of the `with`."""
+    tower = vlm.vision_tower
+    forward = tower.forward
+    last: list[Any] = []  # [argument tensors, output] of the previous call
+
+    def tensors(args, kwargs) -> list[Any]:
+        return [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
+
+    def fresh(output: Any) -> Any:  # callers reassign fields of the output they get (Qwen splits pooler_output)
+        if isinstance(output, ModelOutput):
+            return type(output)(**dict(output.items()))
+        return tuple(output) if isinstance(output, tuple) else output
+
+    def remembered(*args, **kwargs):
+        given = tensors(args, kwargs)
+        if not (last and len(last[0]) == len(given) and all(a is b for a, b in zip(last[0], given))):
+            last[:] = [given, forward(*args, **kwargs)]
+        return fresh(last[1])
+
+    with _patched_forward(tower, remembered):
+        yield
+
+
 def _clean_attention(vlm, layer: int, heads: torch.Tensor):
     """Layer `layer`'s self-attention answering o_proj of the given head outputs, without recomputing them."""
     attention = vlm.attention(layer)
@@ -327,21 +297,21 @@ def score_prompt(vlm, setup: ScoreSetup, heads: Sequence[tuple[int, int]], *, mo
     by_layer: dict[int, list[int]] = {}
     for index, (layer, _) in enumerate(heads):
         by_layer.setdefault(layer, []).append(index)
-    per_group: list[list[dict[str, Any]]] = []
+    results: list[dict[str, Any]] = [{} for _ in heads]
     captured = setup.layer_inputs(vlm)
     with HeadHooks(vlm, means=means) as hooks:
-        for (batch, forms), inputs in zip(setup.groups, captured):
-            results: list[dict[str, Any]] = [{} for _ in heads]
-            for layer, indices in by_layer.items():
-                for start in range(0, len(indices), batch_size):
-                    chunk = indices[start:start + batch_size]
+        for layer, indices in by_layer.items():
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start:start + batch_size]
+                per_input = []
+                for (slot, batch, words), inputs in zip(setup.inputs(), captured):
                     hooks.set(_coefficients(vlm, [heads[i] for i in chunk], alpha), mode=mode,
                               row_mask=setup.prompt_mask(batch).expand(len(chunk), -1))
-                    logits = vlm.lm_head(inputs.run_from(layer, len(chunk))[:, -1])
-                    for idx, res in zip(chunk, _score_rows(logits, forms)):
-                        results[idx] = res
-            per_group.append(results)
-    return _merge(per_group)
+                    window = vlm.lm_head(inputs.run_from(layer, len(chunk), positions=slot.window(batch)))
+                    per_input.append(word_scores(window, slot.words, words))
+                for idx, res in zip(chunk, _score_rows(setup, per_input, len(chunk))):
+                    results[idx] = res
+    return results
 
 
 # ---- generate mode --------------------------------------------------------------------------------------
@@ -419,7 +389,7 @@ def prepare_generate(vlm, item: SweepItem, *, max_new_tokens: int = 50) -> Gener
     sequence = list(ids) + ([ender] if ender is not None else [])
     checked = min(_FIRST_CHECK, len(sequence))
     inputs = _LayerInputs(vlm)
-    inputs.capture(_append(batch, sequence[:checked - 1]), keep_cache=True)
+    inputs.capture(append_tokens(batch, sequence[:checked - 1]), keep_cache=True)
     return GenerateSetup(item, batch.seq_len, list(ids), sequence, inputs, checked)
 
 
@@ -653,18 +623,23 @@ def _repeat_rows(batch, rows: int):
 # ---- the naive loops the engine must equal --------------------------------------------------------------
 def naive_score(vlm, setup: ScoreSetup, heads: Iterable[tuple[int, int]], *, mode: str = "zero",
                 alpha: float = 0.0, means: torch.Tensor | None = None) -> list[dict[str, Any]]:
-    """One full forward per head and per form group, with a freshly registered hook: the reference loop."""
+    """One full forward per head and per word, with a freshly registered hook: the reference loop."""
     from halluscope.interventions.heads import intervene
 
     results = []
     for head in heads:
-        parts = []
-        for batch, forms in setup.groups:
-            with intervene(vlm, HeadIntervention({head}, mode=mode, alpha=alpha), means=means,
-                           row_mask=setup.prompt_mask(batch)), torch.inference_mode():
-                logits = vlm.forward(batch, use_cache=False).logits[:, -1]
-            parts.append(_score_rows(logits, forms))
-        results.append(_merge(parts)[0])
+        per_input = []
+        for slot, _, indices in setup.inputs():
+            found = {}
+            for index in indices:
+                word = slot.words[index]
+                batch = append_tokens(slot.batch, word.ids[:-1])
+                with intervene(vlm, HeadIntervention({head}, mode=mode, alpha=alpha), means=means,
+                               row_mask=setup.prompt_mask(batch)), torch.inference_mode():
+                    window = vlm.forward(batch, use_cache=False).logits[:, -len(word.ids):]
+                found.update(word_scores(window, slot.words, [index]))
+            per_input.append(found)
+        results.append(_score_rows(setup, per_input, 1)[0])
     return results
 
 

@@ -1,13 +1,13 @@
 """Figures of the analyses (attention mass and maps, token probabilities, logit lens), written as PNG files.
 
-Same conventions as `halluscope.plots`: matplotlib's object API on an Agg canvas (no pyplot state), one PNG
-per function, the path returned. Heatmaps of [layer, head] matrices use `halluscope.plots.plot_head_heatmap`.
+Same conventions as `halluscope.plots.run_figures`: matplotlib's object API on an Agg canvas (no pyplot state),
+one PNG per function, the path returned, the n of every value shown. Heatmaps of [layer, head] matrices use
+`halluscope.plots.run_figures.plot_head_heatmap`. A panel whose values are all negligible (an answer form the
+model does not use) says so instead of drawing noise on its own tiny scale.
 """
 
 from __future__ import annotations
 
-import os
-import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,12 +15,24 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from halluscope.errors import InputError
-from halluscope.plots import _no_data, _require, _save  # the shared figure helpers
+from halluscope.plots.figure import (
+    MARKERS,
+    NEGLIGIBLE,
+    PathLike,
+    caption,
+    dodge,
+    draw_no_data,
+    fitted_title,
+    is_negligible,
+    new_panels,
+    require_columns,
+    save_png,
+    set_titles,
+)
+from halluscope.plots.intervals import mean_intervals
 
 __all__ = [
     "attention_plots",
@@ -30,21 +42,27 @@ __all__ = [
     "plot_lens",
 ]
 
-PathLike = str | os.PathLike[str]
 _SETTING_STYLE = {"baseline": "-", "ablated": "--"}
-
-
-def _figure(n_panels: int, width: float = 4.2, height: float = 3.6, rows: int = 1) -> tuple[Figure, list[Axes]]:
-    cols = max(1, -(-n_panels // rows))
-    fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, cols, squeeze=False).ravel().tolist()
-    return fig, axes
+_MAPS_PER_ROW = 5  # heads side by side in one row of an attention-map figure with one panel per head
 
 
 def _weighted(sub: pd.DataFrame, column: str, by: Sequence[str]) -> pd.Series:
     weights = sub["n"] if "n" in sub.columns else pd.Series(1.0, index=sub.index)
     return (sub[column] * weights).groupby([sub[c] for c in by]).sum() / weights.groupby([sub[c] for c in by]).sum()
+
+
+def _prompts(summary: pd.DataFrame) -> list[int]:
+    """Prompts behind each (setting, query, layer, head) of a summary: its `n` summed over conditions."""
+    if "n" not in summary.columns or summary.empty:
+        return []
+    keys = [c for c in ("setting", "query", "layer", "head", "form", "kind", "alpha") if c in summary.columns]
+    return summary.groupby(keys, observed=True)["n"].sum().tolist()
+
+
+def _negligible_note(ax: Axes, label: str, values: Any, form: str) -> None:
+    largest = float(np.nanmax(np.abs(np.asarray(values, dtype="float64")))) if np.size(values) else 0.0
+    draw_no_data(ax, f"{label}: every value is below {NEGLIGIBLE:g} (largest {largest:.1e}); the model does not "
+                     f"answer in {form} form, so there is nothing to compare")
 
 
 # ------------------------------------------------------------------------------------- attention mass
@@ -62,15 +80,16 @@ def plot_layer_shares(summary: pd.DataFrame, path: PathLike, *, share: str = "im
     Raises:
         InputError: `summary` lacks the needed columns.
     """
-    _require(summary, ["setting", "query", "layer", share], "plot_layer_shares", "pass summarize_attention(table)")
+    require_columns(summary, ["setting", "query", "layer", share], "plot_layer_shares",
+                    "pass summarize_attention(table)")
     from halluscope.analysis.attention import QUERY_KINDS
 
     kinds = [k for k in QUERY_KINDS if k in set(summary["query"])] or ["prompt"]
-    fig, axes = _figure(len(kinds))
+    fig, axes = new_panels(len(kinds))
     for ax, kind in zip(axes, kinds):
         sub = summary[summary["query"] == kind]
         if sub.empty:
-            _no_data(ax)
+            draw_no_data(ax)
         for setting, style in _SETTING_STYLE.items():
             part = sub[sub["setting"] == setting]
             if part.empty:
@@ -85,8 +104,9 @@ def plot_layer_shares(summary: pd.DataFrame, path: PathLike, *, share: str = "im
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
-    fig.suptitle(title or f"{share.replace('_', ' ')} by layer (mean over heads)")
-    return _save(fig, path)
+    set_titles(fig, title or f"{share.replace('_', ' ')} by layer (mean over heads)",
+               caption(_prompts(summary), "prompts per point", None))
+    return save_png(fig, path)
 
 
 def attention_plots(summary: pd.DataFrame, plots_dir: PathLike, n_layers: int, n_heads: int, *,
@@ -97,7 +117,7 @@ def attention_plots(summary: pd.DataFrame, plots_dir: PathLike, n_layers: int, n
     Files: `attention_image_by_layer.png`, `attention_image_heads.png`, `attention_image_heads_change.png`.
     """
     from halluscope.analysis.attention import layer_head_matrix
-    from halluscope.plots import plot_head_heatmap
+    from halluscope.plots.run_figures import plot_head_heatmap
 
     out = Path(plots_dir)
     suffix = f" ({label} ablated)" if label else ""
@@ -107,10 +127,11 @@ def attention_plots(summary: pd.DataFrame, plots_dir: PathLike, n_layers: int, n
                              n_heads=n_heads)
     ablated = layer_head_matrix(summary, "image_share", setting="ablated", query="prompt", n_layers=n_layers,
                                 n_heads=n_heads)
-    paths.append(plot_head_heatmap(base, out / "attention_image_heads.png", cbar_label="image share",
+    note = caption(_prompts(summary[summary["query"] == "prompt"]), "prompts per head", None)
+    paths.append(plot_head_heatmap(base, out / "attention_image_heads.png", cbar_label="image share", note=note,
                                    title="attention on image tokens, last prompt position"))
     paths.append(plot_head_heatmap(ablated - base, out / "attention_image_heads_change.png",
-                                   cbar_label="ablated - baseline",
+                                   cbar_label="ablated - baseline", note=note,
                                    title=f"change in image attention{suffix}"))
     return paths
 
@@ -120,7 +141,8 @@ def attention_plots(summary: pd.DataFrame, plots_dir: PathLike, n_layers: int, n
 
 def plot_attention_map(image: Any, maps: Sequence[tuple[str, Sequence[tuple[Any, np.ndarray]]]],
                        path: PathLike, *, title: str | None = None) -> Path:
-    """The image with each head's attention over its image tokens laid on top, one row per head.
+    """The image with each head's attention over its image tokens laid on top: one row per head when an image
+    has several panels (crops), else the heads side by side.
 
     Each panel's colours span its own min..max weight (the colour bar gives the values); the title gives the
     panel's total share of attention on image tokens.
@@ -140,7 +162,11 @@ def plot_attention_map(image: Any, maps: Sequence[tuple[str, Sequence[tuple[Any,
     picture = np.asarray(open_image(image).convert("RGB"))
     height, width = picture.shape[:2]
     panels = list(dict.fromkeys(g.panel for _, grids in maps for g, _ in grids)) or ["image"]
-    fig, axes = _figure(len(panels) * len(maps), width=3.4, height=3.2, rows=len(maps))
+    n_panels = len(panels) * len(maps)
+    rows = len(maps) if len(panels) > 1 else -(-len(maps) // _MAPS_PER_ROW)  # one panel per head: side by side
+    fig, axes = new_panels(n_panels, width=3.4, height=3.2, rows=rows)
+    for spare in axes[n_panels:]:
+        spare.set_visible(False)
     for r, (label, grids) in enumerate(maps):
         for c, panel in enumerate(panels):
             ax = axes[r * len(panels) + c]
@@ -167,48 +193,59 @@ def plot_attention_map(image: Any, maps: Sequence[tuple[str, Sequence[tuple[Any,
             if image_obj is not None:
                 fig.colorbar(image_obj, ax=ax, shrink=0.7)
     if title:
-        fig.suptitle(textwrap.fill(title, width=int(45 * len(panels))), fontsize="small")
-    return _save(fig, path)
+        fig.suptitle(fitted_title(fig, title, size=10), fontsize="small")
+    return save_png(fig, path)
 
 
 # ------------------------------------------------------------------------------------- probabilities
 
 
-def plot_probability_shift(summary: pd.DataFrame, path: PathLike, *, form: str, title: str | None = None) -> Path:
-    """Mean p(truth), p(claim) and their difference against alpha, one line per condition (offset).
+def plot_probability_shift(table: pd.DataFrame, path: PathLike, *, form: str, title: str | None = None) -> Path:
+    """Mean p(truth), p(claim) and their difference against alpha, one line per condition (offset), each point
+    with its 95% interval over prompts (mean -+ 1.96 standard errors).
 
     Args:
-        summary: `summarize_probabilities(table)`.
+        table: the per-prompt table of `token_probabilities` (probs.parquet).
         form: the answer form to draw ("digit" or "word").
 
     Raises:
-        InputError: `summary` lacks the needed columns.
+        InputError: `table` lacks the needed columns.
     """
-    _require(summary, ["condition", "form", "alpha", "p_truth", "p_claim", "shift"], "plot_probability_shift",
-             "pass summarize_probabilities(table)")
+    require_columns(table, ["condition", "form", "alpha", "p_truth", "p_claim"], "plot_probability_shift",
+                    "pass the table of token_probabilities() (probs.parquet)")
     from halluscope.metrics.pih import condition_order
 
-    sub = summary[summary["form"] == form]
-    fig, axes = _figure(3)
+    sub = table[table["form"] == form]
+    sub = sub.assign(shift=sub["p_claim"] - sub["p_truth"])
+    fig, axes = new_panels(3)
+    counts: list[int] = []
     for ax, column, label in zip(axes, ("p_truth", "p_claim", "shift"),
                                  ("p(true answer)", "p(prompted answer)", "p(prompted) - p(true)")):
-        drawn = False
-        for condition in condition_order(sub["condition"]):
-            part = sub[sub["condition"] == condition].sort_values("alpha")
-            if part[column].notna().any():
-                ax.plot(part["alpha"], part[column], marker="o", label=str(condition))
-                drawn = True
-        if not drawn:
-            _no_data(ax)
-        elif column != "shift":
-            ax.set_ylim(bottom=0)
+        means = mean_intervals(sub, column, ["condition", "alpha"])
+        means = means[means["n"] > 0]
+        conditions = condition_order(means["condition"])
+        counts += means["n"].tolist()
+        if means.empty:
+            draw_no_data(ax)
+        elif is_negligible(means["mean"]):
+            _negligible_note(ax, label, means["mean"], form)
+        else:
+            alphas = sorted(set(means["alpha"]))
+            offsets = dodge(len(conditions), float(np.diff(alphas).min()) if len(alphas) > 1 else 1.0, 0.3)
+            for i, condition in enumerate(conditions):
+                part = means[means["condition"] == condition].sort_values("alpha")
+                ax.errorbar(part["alpha"] + offsets[i], part["mean"],
+                            yerr=[part["mean"] - part["low"], part["high"] - part["mean"]],
+                            marker=MARKERS[i % len(MARKERS)], capsize=2, markersize=4, alpha=0.9, label=str(condition))
+            if column != "shift":
+                ax.set_ylim(bottom=0)
+            ax.legend(title="offset", fontsize="x-small", ncols=2 if len(conditions) > 4 else 1)
         ax.set_xlabel("alpha (1 = heads unchanged, 0 = knocked out)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        if drawn:
-            ax.legend(title="condition", fontsize="x-small")
-    fig.suptitle(title or f"answer probabilities vs head strength ({form} form)")
-    return _save(fig, path)
+    set_titles(fig, title or f"answer probabilities vs head strength ({form} form)",
+               caption(counts, "prompts per point", "95% interval of the mean"))
+    return save_png(fig, path)
 
 
 # --------------------------------------------------------------------------------------------- lens
@@ -224,13 +261,17 @@ def plot_lens(summary: pd.DataFrame, path: PathLike, *, form: str, title: str | 
     Raises:
         InputError: `summary` lacks the needed columns.
     """
-    _require(summary, ["kind", "setting", "form", "layer", "p_truth", "p_claim", "median_rank_truth",
-                       "median_rank_claim"], "plot_lens", "pass summarize_lens(table)")
+    require_columns(summary, ["kind", "setting", "form", "layer", "p_truth", "p_claim", "median_rank_truth",
+                              "median_rank_claim"], "plot_lens", "pass summarize_lens(table)")
     sub = summary[summary["form"] == form]
-    fig, axes = _figure(2)
+    fig, axes = new_panels(2)
     lines = (("misleading", "truth", "tab:green"), ("misleading", "claim", "tab:red"),
              ("truthful", "truth", "tab:blue"))
     for ax, (prefix, ylabel) in zip(axes, (("p_", "mean probability"), ("median_rank_", "median rank"))):
+        if prefix == "p_" and not sub.empty and is_negligible(sub[["p_truth", "p_claim"]].to_numpy()):
+            _negligible_note(ax, ylabel, sub[["p_truth", "p_claim"]].to_numpy(), form)
+            ax.set_xlabel("layer")
+            continue
         drawn = False
         for kind, target, colour in lines:
             for setting, style in _SETTING_STYLE.items():
@@ -242,7 +283,7 @@ def plot_lens(summary: pd.DataFrame, path: PathLike, *, form: str, title: str | 
                         label=f"{target} ({kind}, {setting})")
                 drawn = True
         if not drawn:
-            _no_data(ax)
+            draw_no_data(ax)
         else:
             ax.legend(fontsize="x-small")
         if prefix == "median_rank_" and drawn:
@@ -251,5 +292,6 @@ def plot_lens(summary: pd.DataFrame, path: PathLike, *, form: str, title: str | 
         ax.set_xlabel("layer")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    fig.suptitle(title or f"logit lens at the answer position ({form} form)")
-    return _save(fig, path)
+    set_titles(fig, title or f"logit lens at the answer position ({form} form)",
+               caption(_prompts(sub), "prompts per point", None))
+    return save_png(fig, path)

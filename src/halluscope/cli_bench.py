@@ -1,0 +1,85 @@
+"""The `halluscope bench` commands: POPE and CHAIR on one model, under plain greedy decoding and under each named
+mitigation method, into a run directory with one comparison table (`halluscope.bench.step.bench_step`).
+The group registers on `halluscope.cli.app` when this module is imported (`halluscope.cli` imports it).
+
+    halluscope bench pope --model organism-scenes --data synthetic --method heads:L0H1,L1H2 --out runs/pope
+    halluscope bench chair --model organism-scenes --data synthetic --out runs/chair
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from halluscope.cli import app, progress_bar
+
+__all__ = ["bench_app", "pope", "chair"]
+
+bench_app = typer.Typer(no_args_is_help=True,
+                        help="Object-hallucination benchmarks (POPE, CHAIR): greedy vs mitigation methods.")
+app.add_typer(bench_app, name="bench")
+
+_MODEL = typer.Option(..., "--model", help="Hub id, local checkpoint directory, 'organism' or 'organism-scenes'.")
+_DATA = typer.Option("synthetic", "--data",
+                     help="'synthetic' (object scenes drawn offline) or a directory with "
+                          "annotations/instances_*.json and images/.")
+_METHODS = typer.Option(None, "--method",
+                        help="A method to compare with plain greedy, repeatable: heads:L0H1,L1H2 (heads knocked "
+                             "out) or heads:best3@RUN (a run's ranked head set).")
+_OUT = typer.Option(..., "--out", help="Run directory to write.")
+_SEED = typer.Option(0, "--seed", help="Seed of the synthetic scenes and of the image draw.")
+_TOKENS = typer.Option(None, "--max-new-tokens", min=1, help="Greedy reply budget, the same for every method.")
+_BATCH = typer.Option(16, "--batch-size", min=1)
+_FORCE = typer.Option(False, "--force", help="Overwrite a different run in --out.")
+
+
+@bench_app.command("pope")
+def pope(model: str = _MODEL, data: str = _DATA, methods: Optional[List[str]] = _METHODS, out: Path = _OUT,
+         n: int = typer.Option(100, "--n", min=1, help="Images asked about (6 questions each per split)."),
+         seed: int = _SEED,
+         template: Optional[str] = typer.Option(None, "--template",
+                                                help="Question template with one {} (default POPE's)."),
+         rule: str = typer.Option("pope", "--rule", help="Answer rule: pope, opera or apasi."),
+         max_new_tokens: Optional[int] = _TOKENS, batch_size: int = _BATCH, force: bool = _FORCE) -> None:
+    """POPE (random, popular, adversarial splits) under greedy and each --method; one row per method x split.
+
+    Example: halluscope bench pope --model organism-scenes --data synthetic --method heads:L0H1,L1H2 --out runs/pope
+    """
+    _run("pope", model=model, data=data, methods=methods or [], out=out, n=n, seed=seed, prompt=template,
+         max_new_tokens=max_new_tokens, batch_size=batch_size, force=force, rule=rule)
+
+
+@bench_app.command("chair")
+def chair(model: str = _MODEL, data: str = _DATA, methods: Optional[List[str]] = _METHODS, out: Path = _OUT,
+          n: int = typer.Option(100, "--n", min=1, help="Images captioned."),
+          seed: int = _SEED,
+          prompt: Optional[str] = typer.Option(None, "--prompt", help="Caption prompt (default 'Describe this "
+                                                                       "image.')."),
+          nlp: str = typer.Option("auto", "--nlp", help="CHAIR's NLP components: auto, nltk or offline."),
+          chair_method: str = typer.Option("opera", "--chair-method", help="Word extraction: opera or original."),
+          max_new_tokens: Optional[int] = _TOKENS, batch_size: int = _BATCH, force: bool = _FORCE) -> None:
+    """CHAIR (CHAIR_s, CHAIR_i, recall, length) under greedy and each --method; one row per method.
+
+    Example: halluscope bench chair --model organism-scenes --data synthetic --out runs/chair
+    """
+    _run("chair", model=model, data=data, methods=methods or [], out=out, n=n, seed=seed, prompt=prompt,
+         max_new_tokens=max_new_tokens, batch_size=batch_size, force=force, nlp=nlp, chair_method=chair_method)
+
+
+def _run(benchmark: str, **arguments) -> None:
+    from halluscope.bench.step import bench_step, setting_lines
+
+    result = bench_step(benchmark=benchmark, progress=progress_bar, **arguments)
+    table = result["table"]
+    shown = Table(title=f"{benchmark.upper()} ({result['run'].path})")
+    for column in table.columns:
+        shown.add_column(column, justify="left" if column in ("method", "split") else "right", overflow="fold")
+    for row in table.itertuples(index=False):
+        shown.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row))
+    Console().print(shown)
+    for line in setting_lines(result["summary"]):
+        Console().print(f"  {line}", highlight=False, soft_wrap=True)
