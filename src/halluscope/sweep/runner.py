@@ -165,7 +165,8 @@ def verification_summary(table: pd.DataFrame) -> dict[str, float | int | None]:
     kind = table["estimator"]
     estimated = table[kind != "exact"].set_index(["sample_id", "layer", "head"])
     exact = table[kind == "exact"].set_index(["sample_id", "layer", "head"])
-    pairs = exact.join(estimated[["effect", "outcome"]], rsuffix="_estimate", how="inner")
+    pairs = exact.merge(estimated[["effect", "outcome"]], left_index=True, right_index=True, how="inner",
+                        suffixes=("", "_estimate"))
     if len(pairs) < 2:
         return {"verified": len(pairs), "spearman": None, "outcome_agreement": None}
     spearman = pairs["effect"].rank().corr(pairs["effect_estimate"].rank())
