@@ -164,6 +164,7 @@ def test_eval_on_local_data_with_an_objects_file_records_skipped_rows(cli, model
     """Counting data without nouns takes them from --objects (a JSON file); undecodable rows are kept in the
     summary."""
     from halluscope.images import image_to_png_bytes
+    from halluscope.tasks import SkippedRowsWarning
     from halluscope.tasks.scenes import count_scene
 
     table = tmp_path / "counts.parquet"
@@ -173,8 +174,9 @@ def test_eval_on_local_data_with_an_objects_file_records_skipped_rows(cli, model
     objects = tmp_path / "objects.json"
     objects.write_text(json.dumps({"0": "circles", "2": "stars", "0001": "cups"}))
     run = tmp_path / "run"
-    code, _, err = cli("eval", "--model", model, "--data", table, "--objects", objects, "--offsets", "1",
-                       "--max-new-tokens", "4", "--out", run)
+    with pytest.warns(SkippedRowsWarning, match=r"skipped 1 of 3 rows .*\(image ids 0001\)"):
+        code, _, err = cli("eval", "--model", model, "--data", table, "--objects", objects, "--offsets", "1",
+                           "--max-new-tokens", "4", "--out", run)
     assert code == 0, err
     samples = pd.read_parquet(run / "samples.parquet")
     assert dict(zip(samples["image_id"], samples["object"])) == {"0000": "circles", "0002": "stars"}
