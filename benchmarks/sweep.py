@@ -11,15 +11,15 @@ and the full layer x head grid, it times
 - the engine in score mode (answer-position logits, prefix reuse, batched heads) and generate mode
   (verification against the baseline reply, batched cached decoding of diverging rows, early stop);
 
-- attribution patching (`atp`: every head estimated from one forward and backward per answer form; `atp-star`:
-  with GradDrop's extra backward passes), alone and with the exact score-mode verification of atp-star's top 10
-  heads per prompt;
+- attribution patching (`atp`: every head estimated from one forward and one batched backward per prompt;
+  `atp-star`: with GradDrop's dropped-layer backward passes), alone and with the exact score-mode verification of
+  atp-star's top 10 heads per prompt (both from the baseline reply, every head of every prompt);
 
 checks that generate mode gives the reference loop's outcomes exactly (and reports score-mode agreement), and
 prints heads per second for each and the median over prompts of its speed-up against the reference loop (the
 methods run interleaved, prompt by prompt), ending with `speedup score=<x>x generate=<y>x atp-star=<z>x`. Lines
 before it give the ratios with the baseline evaluation charged to the engine alone, and atp-star's with its
-verification included.
+verification included. The machine's load average is printed before and after (the machine may be shared).
 
     python benchmarks/sweep.py [--prompts 2] [--threads 2] [--model 70m|organism]
 """
@@ -27,6 +27,7 @@ verification included.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import tempfile
@@ -80,6 +81,11 @@ def reference_loop(vlm, item, grid, max_new_tokens: int) -> list[str]:
     return outcomes
 
 
+def _load() -> str:
+    """The machine's load averages over 1, 5 and 15 minutes: on a shared machine the ratios move with them."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=2, help="misleading counting prompts to sweep")
@@ -112,6 +118,7 @@ def main() -> None:
     grid = [(l, h) for l in range(vlm.n_layers) for h in range(vlm.n_heads)]
     print(f"model: {n_params / 1e6:.1f}M parameters, {vlm.n_layers} layers x {vlm.n_heads} heads; "
           f"{len(samples)} prompts x {len(grid)} heads; torch threads {args.threads}; {platform.processor() or platform.machine()}")
+    print(f"load average (1, 5, 15 min) before: {_load()}")
     start = time.perf_counter()
     baseline = evaluate(vlm, samples, max_new_tokens=args.max_new_tokens)
     baseline_time = time.perf_counter() - start
@@ -170,6 +177,7 @@ def main() -> None:
     print(f"atp-star with the exact verification of its top 10 heads per prompt: "
           f"{speedup('atp-star+verify10'):.1f}x")
     print(f"plain atp (no GradDrop): {speedup('atp'):.1f}x")
+    print(f"load average (1, 5, 15 min) after: {_load()}")
     print(f"speedup score={speedup('score'):.1f}x generate={speedup('generate'):.1f}x "
           f"atp-star={speedup('atp-star'):.1f}x")
 

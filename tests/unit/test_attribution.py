@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from halluscope.errors import InputError
-from halluscope.sweep.attribution import attribution_scores
+from halluscope.sweep.attribution import ESTIMATORS, attribution_scores
 from halluscope.sweep.engine import SweepItem, _patched_forward, prepare_score, score_prompt
 from halluscope.tasks.scenes import count_scene
 
@@ -69,15 +69,18 @@ def test_atp_star_keeps_the_sign_and_at_least_the_magnitude_of_atp(vlm):
 
 
 def test_grad_drop_gradient_equals_a_forward_with_the_layer_detached(vlm):
-    """The dropped-layer gradients computed from the full backward equal a plain backward through a model whose
-    layer d's blocks are detached (their output kept, their gradient cut)."""
+    """The dropped-layer gradients computed from the full backward, for both answer forms in one batched pass,
+    equal a plain backward of each form's metric through a model whose layer d's blocks are detached (their output
+    kept, their gradient cut)."""
     from halluscope.sweep.attribution import _frozen, _gradients, _tracked_heads, _tracked_residuals
     from halluscope.sweep.slot import word_scores
 
     setup = _setup(vlm)
     slot, batch, indices = setup.inputs()[0]
+    forms = list(setup.forms())
+    assert len(setup.inputs()) == 1 and len(forms) == 2  # one sequence scores both forms
 
-    def metric_and_heads(detach_layer: int | None):
+    def metrics_and_heads(detach_layer: int | None):
         heads, residuals, handles = [], [], []
         if detach_layer is not None:
             for block in (vlm.layers[detach_layer].self_attn, vlm.layers[detach_layer].mlp):
@@ -90,18 +93,46 @@ def test_grad_drop_gradient_equals_a_forward_with_the_layer_detached(vlm):
             for h in handles:
                 h.remove()
         scores = word_scores(logits, slot.words, indices)
-        metric = sum((lp[0] if slot.words[i].role == "truth" else -lp[0])
-                     for i, (lp, _) in scores.items() if slot.words[i].form == "digit")
-        return metric, heads, residuals
+        metrics = [sum((lp[0] if slot.words[i].role == "truth" else -lp[0])
+                       for i, (lp, _) in scores.items() if slot.words[i].form == form) for form in forms]
+        return metrics, heads, residuals
 
     with _frozen(vlm.model), torch.enable_grad():
-        metric, heads, residuals = metric_and_heads(None)
-        rows = _gradients(metric, heads, residuals, grad_drop=True, keep_graph=False)
-        for d in range(1, vlm.n_layers):
-            metric_d, heads_d, _ = metric_and_heads(d)
-            expected = torch.autograd.grad(metric_d, heads_d[:d])
-            for got, want in zip(rows[d], expected):
-                assert torch.allclose(got, want, atol=1e-6)
+        metrics, heads, residuals = metrics_and_heads(None)
+        rows = _gradients(torch.stack(metrics), [[h] for h in heads], [[r] for r in residuals], grad_drop=True)
+        for d in range(vlm.n_layers):
+            metrics_d, heads_d, _ = metrics_and_heads(d if d else None)  # row 0: nothing dropped
+            for f in range(len(forms)):
+                expected = torch.autograd.grad(metrics_d[f], heads_d[:d or None], retain_graph=True)
+                for (got,), want in zip(rows[d], expected):
+                    assert torch.allclose(got[f], want, atol=1e-6)
+
+
+def test_one_prefix_per_slot_equals_one_forward_per_sequence(split_vlm):
+    """Answer words split into pieces give a slot several teacher-forced sequences; running their shared prefix
+    once (each continued from its keys and values) gives the estimates of one whole forward and backward per
+    sequence, to float32 rounding (the sums at the prefix are taken in another order)."""
+    setup = _setup(split_vlm)
+    assert any(len(slot.inputs) > 1 for slot in setup.slots)
+    for estimator in ESTIMATORS:
+        fast, clean_fast = attribution_scores(split_vlm, setup, estimator=estimator)
+        naive, clean_naive = attribution_scores(split_vlm, setup, estimator=estimator, shared=False)
+        assert clean_fast == pytest.approx(clean_naive, rel=1e-5, abs=1e-5)
+        for form in naive:
+            scale = float(naive[form].abs().max())
+            assert torch.allclose(fast[form], naive[form], rtol=0, atol=1e-5 * scale), (form, fast[form], naive[form])
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_a_slot_with_one_sequence_runs_it_whole(vlm):
+    """Whole-word tokens give each slot one sequence: the fast path is then the naive one, bit for bit."""
+    setup = _setup(vlm)
+    assert all(len(slot.inputs) == 1 for slot in setup.slots)
+    for estimator in ESTIMATORS:
+        fast, clean_fast = attribution_scores(vlm, setup, estimator=estimator)
+        naive, clean_naive = attribution_scores(vlm, setup, estimator=estimator, shared=False)
+        assert clean_fast == clean_naive
+        assert all(torch.equal(fast[form], naive[form]) for form in naive)
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl"])

@@ -373,10 +373,16 @@ class GenerateSetup:
     def positions(self, offsets: torch.Tensor) -> torch.Tensor:
         """Position ids of sequence indices `prompt_len - 1 + offsets` [rows, n], in the model's format (text
         positions count on from the prompt's last one; Qwen's 3-D ids have equal components there)."""
-        captured, last = self.inputs.position_ids, self.prompt_len - 1
-        if captured is None:
-            return offsets + last
-        return captured[..., last:last + 1] + offsets
+        return _continued_positions(self.inputs.position_ids, self.prompt_len - 1, offsets)
+
+
+def _continued_positions(captured: torch.Tensor | None, last: int, offsets: torch.Tensor) -> torch.Tensor:
+    """Position ids of sequence indices `last + offsets` [rows, n] after a forward whose text model saw position
+    ids `captured` (None: it derived them itself, counting from 0), in the model's format (text positions count
+    on from the one at `last`; Qwen's 3-D ids have equal components there)."""
+    if captured is None:
+        return offsets + last
+    return captured[..., last:last + 1] + offsets
 
 
 _FIRST_CHECK = 4
