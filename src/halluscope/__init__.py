@@ -14,13 +14,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["HalluscopeError", "VLM", "evaluate", "load_vlm", "tasks"]
+__all__ = ["HalluscopeError", "VLM", "decode", "evaluate", "load_vlm", "mitigate", "tasks"]
 
 _LAZY = {
     "HalluscopeError": ("halluscope.errors", "HalluscopeError"),
     "VLM": ("halluscope.models.vlm", "VLM"),
     "load_vlm": ("halluscope.models.load", "load_vlm"),
     "evaluate": ("halluscope.evaluation", "evaluate"),
+    "mitigate": ("halluscope.decoding.api", "mitigate"),
+    "decode": ("halluscope.decoding.api", "decode"),
     "tasks": ("halluscope.tasks", None),
 }
 

@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import IO, Callable, Iterator, List, NoReturn, Optional
+from typing import IO, TYPE_CHECKING, Callable, Iterator, List, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -23,6 +23,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from halluscope.errors import HalluscopeError
+
+if TYPE_CHECKING:
+    from halluscope.scale import Scale
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Find why vision-language models hallucinate, and fix it.")
@@ -66,7 +69,7 @@ def main(args: Optional[List[str]] = None) -> None:
     - bare `halluscope` (or `halluscope organism`) prints the help and exits 2, click's convention;
     - Ctrl-C exits 130 with "interrupted; rerun to resume" (steps resume from their finished shards).
     """
-    argv = list(sys.argv[1:] if args is None else args)
+    argv = _local_ray(list(sys.argv[1:] if args is None else args))
     try:
         code = app(args=argv, prog_name="halluscope", standalone_mode=False)
     except HalluscopeError as exc:
@@ -87,6 +90,17 @@ def main(args: Optional[List[str]] = None) -> None:
             _usage_error(exc, argv)
         raise
     _exit_with(code)
+
+
+def _local_ray(argv: List[str]) -> List[str]:
+    """`--ray` given without an address (last, or before another option) means "local" (typer options cannot
+    take an optional value)."""
+    out: List[str] = []
+    for i, word in enumerate(argv):
+        out.append(word)
+        if word == "--ray" and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+            out.append("local")
+    return out
 
 
 def _fail(message: str, code: int = USAGE_EXIT) -> NoReturn:
@@ -247,6 +261,27 @@ def _log_lines(description: str, total: int, stream: IO, interval: float,
         report()
 
 
+# ---- scale-out (halluscope.scale) -----------------------------------------------------------------------------
+RAY = typer.Option(None, "--ray", metavar="[ADDRESS]",
+                   help="Run the shards on Ray: --ray alone starts a local instance, --ray auto joins this machine's "
+                        "cluster, --ray HOST:PORT joins that one (pip install 'halluscope\\[ray]').")
+WORKERS = typer.Option(1, "--workers", min=1, help="Ray workers, each holding one model replica (with --ray).")
+GPUS_PER_WORKER = typer.Option(0.0, "--gpus-per-worker", min=0.0,
+                               help="GPUs reserved for each Ray worker; 0 keeps them on the CPU (with --ray).")
+
+
+METHOD = typer.Option(None, "--method", help="Decode under a mitigation method (vcd, m3id, ritual, icd, pai, dola, "
+                                               "vaf, heads); `halluscope decode --help` lists them.")
+METHOD_CONFIG = typer.Option(None, "--method-config", help='The method\'s settings as a JSON object, e.g. \'{"alpha": 1.0}\'.')
+
+
+def scale_of(ray: Optional[str], workers: int, gpus_per_worker: float) -> Scale:
+    """The `halluscope.scale.Scale` the --ray, --workers and --gpus-per-worker options ask for."""
+    from halluscope.scale import Scale
+
+    return Scale(ray, workers=workers, gpus_per_worker=gpus_per_worker)
+
+
 def _ints(text: Optional[str], what: str) -> Optional[tuple[int, ...]]:
     from halluscope.errors import InputError
 
@@ -304,12 +339,16 @@ def eval_(model: str = typer.Option(..., "--model", help="Hub id, local checkpoi
           objects: Optional[Path] = typer.Option(None, "--objects",
                                                  help="JSON file mapping row index, image id or file name to the "
                                                       "object noun (counting data without nouns)."),
-          force: bool = typer.Option(False, "--force", help="Overwrite a different run in --out.")) -> None:
+          force: bool = typer.Option(False, "--force", help="Overwrite a different run in --out."),
+          ray: Optional[str] = RAY, workers: int = WORKERS, gpus_per_worker: float = GPUS_PER_WORKER,
+          method: Optional[str] = METHOD, method_config: Optional[str] = METHOD_CONFIG) -> None:
     """Baseline evaluation of a PIH task: greedy replies, parsed answers, copy/correction rates, plots.
 
     Example: halluscope eval --model organism --task count --data synthetic --n 20 --out runs/count
     """
     from halluscope.steps import eval_step
+
+    scale = scale_of(ray, workers, gpus_per_worker)
 
     options: dict = {"size": size} if size is not None else {}
     if objects is not None:
@@ -317,7 +356,8 @@ def eval_(model: str = typer.Option(..., "--model", help="Hub id, local checkpoi
     run, summary = eval_step(out, model=model, task=task, data=data, n=n, offsets=_ints(offsets, "offsets"),
                              seed=seed, batch_size=batch_size, max_new_tokens=max_new_tokens,
                              object_column=object_column, name_objects=name_objects, force=force,
-                             progress=progress_bar, warn=lambda m: console.print(f"[yellow]{m}[/yellow]"), **options)
+                             progress=progress_bar, warn=lambda m: console.print(f"[yellow]{m}[/yellow]"), scale=scale,
+                             method=method, method_config=method_config, **options)
     _print_summary(summary, run.path)
 
 
@@ -385,17 +425,19 @@ def sweep(run_dir: Path = typer.Option(..., "--run", help="An eval run directory
           verify_top: int = typer.Option(0, "--verify-top", min=0,
                                          help="With atp/atp-star: measure the K heads with the largest estimated "
                                               "effect per prompt exactly (score mode); the table keeps both."),
-          force: bool = typer.Option(False, "--force")) -> None:
+          force: bool = typer.Option(False, "--force"),
+          ray: Optional[str] = RAY, workers: int = WORKERS, gpus_per_worker: float = GPUS_PER_WORKER) -> None:
     """Knock out every head of the grid, one at a time, on the run's misleading prompts.
 
     Example: halluscope sweep --run runs/count --layers 0:2 --mode score
     Example: halluscope sweep --run runs/count --mode atp-star --verify-top 10
+    Example: halluscope sweep --run runs/count --ray --workers 2
     """
     from halluscope.steps import sweep_step
 
     table = sweep_step(run_dir, layers=layers, heads=heads, mode=mode, intervention=intervention,
                        batch_size=batch_size, max_new_tokens=max_new_tokens, verify_top=verify_top, force=force,
-                       progress=progress_bar)
+                       progress=progress_bar, scale=scale_of(ray, workers, gpus_per_worker))
     console.print(f"wrote {Path(run_dir) / 'sweep.parquet'}: {len(table)} rows "
                   f"({table['sample_id'].nunique()} prompts x {len(table.groupby(['layer', 'head']))} heads)")
     if verify_top:
@@ -434,7 +476,8 @@ def confirm(run_dir: Path = typer.Option(..., "--run", help="A run with a sweep 
             heads: str = typer.Option("best5", "--heads", help="A named set from rank (best5) or L0H3,L11H15."),
             batch_size: int = typer.Option(16, "--batch-size", min=1),
             max_new_tokens: int = typer.Option(50, "--max-new-tokens", min=1),
-            force: bool = typer.Option(False, "--force")) -> None:
+            force: bool = typer.Option(False, "--force"),
+            ray: Optional[str] = RAY, workers: int = WORKERS, gpus_per_worker: float = GPUS_PER_WORKER) -> None:
     """Re-run the top heads' knockouts with greedy generation and compare with the score-mode outcomes.
 
     Example: halluscope confirm --run runs/count --heads best5
@@ -442,7 +485,7 @@ def confirm(run_dir: Path = typer.Option(..., "--run", help="A run with a sweep 
     from halluscope.steps import confirm_step
 
     result = confirm_step(run_dir, heads=heads, batch_size=batch_size, max_new_tokens=max_new_tokens, force=force,
-                          progress=progress_bar)
+                          progress=progress_bar, scale=scale_of(ray, workers, gpus_per_worker))
     Console().print(f"generate mode agrees with score mode on {_pct(result['agreement'])} of rows for "
                     f"{result['heads']}")
 
@@ -567,6 +610,7 @@ def report(run_dir: Path = typer.Option(..., "--run", help="A run directory, fro
 
 from halluscope import cli_analysis  # noqa: E402,F401  (registers attention, attention-maps, probs, lens)
 from halluscope import cli_bench  # noqa: E402,F401  (registers the bench group: pope, chair)
+from halluscope import cli_decode  # noqa: E402,F401  (registers decode)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from halluscope.cli import app, progress_bar
+from halluscope.cli import GPUS_PER_WORKER, RAY, WORKERS, app, progress_bar, scale_of
 
 __all__ = ["bench_app", "pope", "chair"]
 
@@ -44,13 +44,15 @@ def pope(model: str = _MODEL, data: str = _DATA, methods: Optional[List[str]] = 
          template: Optional[str] = typer.Option(None, "--template",
                                                 help="Question template with one {} (default POPE's)."),
          rule: str = typer.Option("pope", "--rule", help="Answer rule: pope, opera or apasi."),
-         max_new_tokens: Optional[int] = _TOKENS, batch_size: int = _BATCH, force: bool = _FORCE) -> None:
+         max_new_tokens: Optional[int] = _TOKENS, batch_size: int = _BATCH, force: bool = _FORCE,
+         ray: Optional[str] = RAY, workers: int = WORKERS, gpus_per_worker: float = GPUS_PER_WORKER) -> None:
     """POPE (random, popular, adversarial splits) under greedy and each --method; one row per method x split.
 
     Example: halluscope bench pope --model organism-scenes --data synthetic --method heads:L0H1,L1H2 --out runs/pope
     """
     _run("pope", model=model, data=data, methods=methods or [], out=out, n=n, seed=seed, prompt=template,
-         max_new_tokens=max_new_tokens, batch_size=batch_size, force=force, rule=rule)
+         max_new_tokens=max_new_tokens, batch_size=batch_size, force=force, rule=rule,
+         scale=scale_of(ray, workers, gpus_per_worker))
 
 
 @bench_app.command("chair")
@@ -61,13 +63,15 @@ def chair(model: str = _MODEL, data: str = _DATA, methods: Optional[List[str]] =
                                                                        "image.')."),
           nlp: str = typer.Option("auto", "--nlp", help="CHAIR's NLP components: auto, nltk or offline."),
           chair_method: str = typer.Option("opera", "--chair-method", help="Word extraction: opera or original."),
-          max_new_tokens: Optional[int] = _TOKENS, batch_size: int = _BATCH, force: bool = _FORCE) -> None:
+          max_new_tokens: Optional[int] = _TOKENS, batch_size: int = _BATCH, force: bool = _FORCE,
+          ray: Optional[str] = RAY, workers: int = WORKERS, gpus_per_worker: float = GPUS_PER_WORKER) -> None:
     """CHAIR (CHAIR_s, CHAIR_i, recall, length) under greedy and each --method; one row per method.
 
     Example: halluscope bench chair --model organism-scenes --data synthetic --out runs/chair
     """
     _run("chair", model=model, data=data, methods=methods or [], out=out, n=n, seed=seed, prompt=prompt,
-         max_new_tokens=max_new_tokens, batch_size=batch_size, force=force, nlp=nlp, chair_method=chair_method)
+         max_new_tokens=max_new_tokens, batch_size=batch_size, force=force, nlp=nlp, chair_method=chair_method,
+         scale=scale_of(ray, workers, gpus_per_worker))
 
 
 def _run(benchmark: str, **arguments) -> None:

@@ -55,38 +55,41 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
 
 
 def iter_replies(vlm, pairs: Sequence[tuple[object, str]], *, batch_size: int = 8, max_new_tokens: int = 50,
-                 intervention=None, means=None) -> Iterator[list[tuple[str, list[int]]]]:
+                 intervention=None, means=None, method=None) -> Iterator[list[tuple[str, list[int]]]]:
     """Yield the greedy (reply text, reply token ids) of each batch of (image, prompt) `pairs`, in order.
 
     With `intervention` (a `HeadIntervention`) the replies are generated with those heads edited (`means` for
-    mode "mean").
+    mode "mean"); with `method` (a `halluscope.decoding` method) they are decoded under it.
 
     Raises:
         InputError: batch_size < 1, or a pair `VLM.encode` refuses.
     """
+    from halluscope.decoding.api import mitigate
     from halluscope.interventions.heads import intervene
 
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     for start in range(0, len(pairs), batch_size):
-        batch = vlm.encode(list(pairs[start:start + batch_size]))
-        edit = nullcontext() if intervention is None else intervene(vlm, intervention, means=means,
-                                                                      row_mask=batch.attention_mask)
-        with edit:
-            ids = vlm.generate_ids(batch, max_new_tokens=max_new_tokens)
+        with nullcontext() if method is None else mitigate(vlm, method):
+            batch = vlm.encode(list(pairs[start:start + batch_size]))
+            edit = nullcontext() if intervention is None else intervene(vlm, intervention, means=means,
+                                                                          row_mask=batch.attention_mask)
+            with edit:
+                ids = vlm.generate_ids(batch, max_new_tokens=max_new_tokens)
         yield list(zip(vlm.decode(ids), vlm.reply_ids(ids)))
 
 
 def iter_evaluate(vlm, samples: Sequence[Sample], *, batch_size: int = 8, max_new_tokens: int = 50,
-                  intervention=None, means=None) -> Iterator[pd.DataFrame]:
+                  intervention=None, means=None, method=None) -> Iterator[pd.DataFrame]:
     """Yield the rows of each batch of `samples` (greedy decoding), in order.
 
-    With `intervention` (a `HeadIntervention`) the replies are generated with those heads edited.
+    With `intervention` (a `HeadIntervention`) the replies are generated with those heads edited; with `method`
+    they are decoded under that mitigation method.
     """
     pairs = [(s.image, s.prompt) for s in samples]
     start = 0
     for replies in iter_replies(vlm, pairs, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                intervention=intervention, means=means):
+                                intervention=intervention, means=means, method=method):
         chunk = samples[start:start + len(replies)]
         start += len(replies)
         rows = []
@@ -100,11 +103,12 @@ def iter_evaluate(vlm, samples: Sequence[Sample], *, batch_size: int = 8, max_ne
 
 
 def evaluate(vlm, samples: Sequence[Sample], *, batch_size: int = 8, max_new_tokens: int = 50,
-             intervention=None, means=None) -> pd.DataFrame:
+             intervention=None, means=None, method=None) -> pd.DataFrame:
     """Greedy replies to every sample, parsed and classified: one row per sample (`BASELINE_COLUMNS`).
 
     Samples whose image cannot be decoded are skipped with a warning that names them. Pass a
-    `HeadIntervention` to evaluate with heads knocked out (`means` for mode "mean").
+    `HeadIntervention` to evaluate with heads knocked out (`means` for mode "mean"), or a decoding `method`
+    (`halluscope.decoding.build_method("vcd")`) to decode under it.
 
     Example:
         >>> table = halluscope.evaluate(vlm, halluscope.tasks.synthetic_counting(10))
@@ -114,7 +118,7 @@ def evaluate(vlm, samples: Sequence[Sample], *, batch_size: int = 8, max_new_tok
         warnings.warn(f"skipped {len(bad)} samples with unreadable images: " +
                       "; ".join(f"{sid}: {why}" for sid, why in bad[:5]), stacklevel=2)
     parts = list(iter_evaluate(vlm, ok, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                               intervention=intervention, means=means))
+                               intervention=intervention, means=means, method=method))
     return pd.concat(parts, ignore_index=True) if parts else _frame([])
 
 

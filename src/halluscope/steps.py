@@ -7,6 +7,7 @@ manager that yields an `advance(n)` function.
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, Sequence
@@ -15,6 +16,7 @@ import pandas as pd
 
 from halluscope.errors import InputError, RunError
 from halluscope.runs import TABLE_PRODUCERS, Run, locked_step, writer_lock
+from halluscope.scale import LOCAL, ModelSource, Scale, map_shards
 
 __all__ = ["Progress", "no_progress", "fill_parts", "load_model", "run_model", "load_means", "eval_step", "means_step",
            "sweep_step", "rank_step", "confirm_step", "ablate_step", "ablation_name", "head_spec"]
@@ -113,47 +115,57 @@ def _samples(run: Run):
     return readable_samples(samples_from_frame(run.read_table("samples", hint="eval")))
 
 
-def fill_parts(parts, n: int, compute: Callable[[int, int], Iterator[pd.DataFrame]], *, chunk: int,
-               progress: Progress, description: str) -> pd.DataFrame:
-    """Rows 0..n-1 computed in resumable shards of up to `chunk` rows, then all shards read back in order.
+def fill_parts(parts, rows: Sequence, compute: Callable[[Any, Sequence, int], Iterator[pd.DataFrame]], *, chunk: int,
+               progress: Progress, description: str, vlm, scale: Scale = LOCAL) -> pd.DataFrame:
+    """Outputs for `rows` computed in resumable shards of up to `chunk` rows, then all shards read back in order.
 
-    `compute(start, stop)` yields the frames of rows start..stop-1 (progress advances by each frame's rows). A
-    shard keyed "000040" with 36 rows holds rows 40..75; finished shards are skipped by the rows they cover, not
-    by a chunk size, so a step resumed with another chunk size neither repeats nor misses a row.
+    `compute(vlm, rows[start:stop], start)` yields the frames of rows start..stop-1; it gets the model as its first
+    argument and must not hold it, since the shards run where `scale` says (`halluscope.scale.map_shards`).
+    Progress advances by each shard's rows. A shard keyed "000040" with 36 rows holds rows 40..75; finished shards
+    are skipped by the rows they cover, not by a chunk size, so a step resumed with another chunk size neither
+    repeats nor misses a row.
 
     Example:
-        >>> fill_parts(run.parts("eval"), len(samples), lambda a, b: iter_evaluate(vlm, samples[a:b]), chunk=32,
-        ...            progress=no_progress, description="eval")  # doctest: +SKIP
+        >>> fill_parts(run.parts("eval"), samples, lambda vlm, rows, start: iter_evaluate(vlm, rows), chunk=32,
+        ...            progress=no_progress, description="eval", vlm=vlm)  # doctest: +SKIP
     """
-    covered = {int(key): int(key) + rows for key, rows in parts.rows().items() if key.isdigit()}
+    n = len(rows)
+    covered = {int(key): int(key) + count for key, count in parts.rows().items() if key.isdigit()}
+    shards, finished, start = [], 0, 0
+    while start < n:
+        if start in covered:
+            finished += covered[start] - start
+            start = covered[start]
+            continue
+        stop = min([start + chunk, n, *(s for s in covered if s > start)])
+        shards.append((start, rows[start:stop]))
+        start = stop
     with progress(description, n) as advance:
-        start = 0
-        while start < n:
-            if start in covered:
-                advance(covered[start] - start)
-                start = covered[start]
-                continue
-            stop = min([start + chunk, n, *(s for s in covered if s > start)])
-            frames = []
-            for frame in compute(start, stop):
-                frames.append(frame)
-                advance(len(frame))
-            parts.write(f"{start:06d}", pd.concat(frames, ignore_index=True))
-            start = stop
+        advance(finished)
+        map_shards(shards, functools.partial(_fill_shard, compute), parts.write, model=ModelSource(vlm), scale=scale,
+                   on_part=lambda key, frame: advance(len(frame)))
     return parts.read_all()
 
 
+def _fill_shard(compute: Callable[[Any, Sequence, int], Iterator[pd.DataFrame]], vlm,
+                shard: tuple[int, Sequence]) -> Iterator[tuple[str, pd.DataFrame]]:
+    """The one part of a `fill_parts` shard, keyed by its first row."""
+    start, rows = shard
+    yield f"{start:06d}", pd.concat(list(compute(vlm, rows, start)), ignore_index=True)
+
+
 def _evaluate_into(run: Run, step: str, vlm, samples, *, batch_size: int, max_new_tokens: int, progress: Progress,
-                   description: str, intervention=None, means=None) -> pd.DataFrame:
+                   description: str, intervention=None, means=None, scale: Scale = LOCAL,
+                   method=None) -> pd.DataFrame:
     """Evaluate `samples` in resumable shards of at least 32 rows under RUN/parts/<step>/ (`fill_parts`)."""
     from halluscope.evaluation import iter_evaluate
 
-    def compute(start: int, stop: int) -> Iterator[pd.DataFrame]:
-        return iter_evaluate(vlm, samples[start:stop], batch_size=batch_size, max_new_tokens=max_new_tokens,
-                             intervention=intervention, means=means)
+    def compute(vlm, rows, start: int) -> Iterator[pd.DataFrame]:
+        return iter_evaluate(vlm, rows, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                             intervention=intervention, means=means, method=method)
 
-    return fill_parts(run.parts(step), len(samples), compute, chunk=max(batch_size, 32), progress=progress,
-                      description=description)
+    return fill_parts(run.parts(step), samples, compute, chunk=max(batch_size, 32), progress=progress,
+                      description=description, vlm=vlm, scale=scale)
 
 
 # ---- eval -----------------------------------------------------------------------------------------------
@@ -161,12 +173,16 @@ def eval_step(out: str | Path, *, model: str, task: str = "count", data: str = "
               offsets: Sequence[int] | None = None, seed: int = 0, batch_size: int = 8, max_new_tokens: int = 50,
               object_column: str | None = None, name_objects: bool = False, force: bool = False,
               vlm=None, progress: Progress = no_progress, warn: Callable[[str], None] = print,
+              scale: Scale = LOCAL, method: str | None = None, method_config: str | dict | None = None,
               **options: Any) -> tuple[Run, dict]:
     """Baseline evaluation of a PIH task into run directory `out`; returns the run and its summary.
 
     `offsets` are count offsets for "count" and colour distances for "color"; `options` go to the task builder
-    (e.g. size=112).
+    (e.g. size=112); `scale` says where the replies are computed (`halluscope.scale`); `method` and
+    `method_config` (a dict or JSON text) decode under a mitigation method, recorded with its full config in the
+    step's arguments (`decoding`), so a rerun with another method is a different run.
     """
+    from halluscope.decoding.api import method_from_options
     from halluscope import metrics
     from halluscope.evaluation import readable_samples, vlm_object_namer
     from halluscope.plots.run_figures import eval_plots
@@ -175,9 +191,11 @@ def eval_step(out: str | Path, *, model: str, task: str = "count", data: str = "
 
     spec = get_task(task)
     values = tuple(offsets) if offsets is not None else None
+    decoder = method_from_options(method, method_config)
     arguments = {"model": model, "task": spec.name, "data": data, "n": n, "offsets": values, "seed": seed,
                  "batch_size": batch_size, "max_new_tokens": max_new_tokens, "object_column": object_column,
-                 "name_objects": name_objects, "options": options, "decoding": "greedy"}
+                 "name_objects": name_objects, "options": options,
+                 "decoding": "greedy" if decoder is None else dict(decoder.record(), strategy="greedy")}
     builder = dict(options, **({"object_column": object_column} if object_column else {}))
 
     def build(namer=None):
@@ -205,7 +223,7 @@ def eval_step(out: str | Path, *, model: str, task: str = "count", data: str = "
         for sample_id, why in bad:
             warn(f"skipped {sample_id}: {why}")
         baseline = _evaluate_into(run, "eval", vlm, ok, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                  progress=progress, description="eval")
+                                  progress=progress, description="eval", scale=scale, method=decoder)
         run.write_table("baseline", baseline)
         summary = metrics.summarize(baseline)
         summary["skipped"] = [{"sample_id": s, "reason": r} for s, r in bad]  # images that do not decode
@@ -272,10 +290,10 @@ def _sweep_items(run: Run, baseline: pd.DataFrame):
 @locked_step
 def sweep_step(run_dir: str | Path, *, layers: str | None = None, heads: str | None = None, mode: str = "score",
                intervention: str = "zero", batch_size: int = 16, max_new_tokens: int = 50, verify_top: int = 0,
-               force: bool = False, vlm=None, progress: Progress = no_progress) -> pd.DataFrame:
+               force: bool = False, vlm=None, progress: Progress = no_progress, scale: Scale = LOCAL) -> pd.DataFrame:
     """Knock out every head of the grid, one at a time, on the run's misleading prompts (or estimate every
     knockout's effect by attribution patching, `mode` "atp"/"atp-star", and verify the top `verify_top` heads
-    per prompt exactly); writes sweep.parquet."""
+    per prompt exactly); writes sweep.parquet. `scale` says where the shards run (`halluscope.scale`)."""
     from halluscope.sweep.runner import (EXACT_MODES, SWEEP_MODES, parse_range, run_sweep, shard_count,
                                          verification_summary)
 
@@ -300,7 +318,7 @@ def sweep_step(run_dir: str | Path, *, layers: str | None = None, heads: str | N
         advance(len(parts.done()))
         table = run_sweep(vlm, parts, items, [(l, h) for l in layer_ids for h in head_ids], mode=mode,
                           batch_size=batch_size, max_new_tokens=max_new_tokens, intervention_mode=intervention,
-                          means=head_means, verify_top=verify_top, on_shard=advance)
+                          means=head_means, verify_top=verify_top, on_shard=advance, scale=scale)
     clean = baseline.set_index("sample_id")
     table["condition"] = table["sample_id"].map(clean["condition"])
     table["baseline_outcome"] = table["sample_id"].map(clean["outcome"])
@@ -343,10 +361,11 @@ def rank_step(run_dir: str | Path, *, by: str = "auto") -> tuple[dict, pd.DataFr
 # ---- confirm --------------------------------------------------------------------------------------------
 @locked_step
 def confirm_step(run_dir: str | Path, *, heads: str = "best5", batch_size: int = 16, max_new_tokens: int = 50,
-                 force: bool = False, vlm=None, progress: Progress = no_progress) -> dict:
+                 force: bool = False, vlm=None, progress: Progress = no_progress, scale: Scale = LOCAL) -> dict:
     """Re-run the sweep's top heads in generate mode (greedy replies) and compare with the score-mode outcomes.
 
-    Writes confirm.parquet (one row per prompt x head, both outcomes) and returns the agreement per head.
+    Writes confirm.parquet (one row per prompt x head, both outcomes) and returns the agreement per head. `scale`
+    says where the shards run (`halluscope.scale`).
     """
     from halluscope.analysis.ranking import resolve_head_set
     from halluscope.interventions.heads import format_heads
@@ -365,7 +384,7 @@ def confirm_step(run_dir: str | Path, *, heads: str = "best5", batch_size: int =
     with progress("confirm (generate)", len(items) * len({l for l, _ in head_set})) as advance:
         advance(len(parts.done()))
         generated = run_sweep(vlm, parts, items, head_set, mode="generate", batch_size=batch_size,
-                              max_new_tokens=max_new_tokens, on_shard=advance)
+                              max_new_tokens=max_new_tokens, on_shard=advance, scale=scale)
     table = generated.merge(scored[["sample_id", "layer", "head", "outcome"]].rename(columns={"outcome": "score_outcome"}),
                             on=["sample_id", "layer", "head"], how="left")
     table["agree"] = table["outcome"] == table["score_outcome"]

@@ -19,6 +19,7 @@ import pandas as pd
 
 from halluscope.errors import InputError
 from halluscope.runs import Run, writer_lock
+from halluscope.scale import LOCAL, Scale
 from halluscope.steps import Progress, fill_parts, load_model, no_progress
 
 __all__ = ["BENCHMARKS", "DECODING", "bench_step", "markdown_table", "setting_lines"]
@@ -39,7 +40,7 @@ def bench_step(out: str | Path, *, benchmark: str, model: str, data: str = "synt
                methods: Sequence[str] = (), n: int = 100, seed: int = 0, prompt: str | None = None,
                max_new_tokens: int | None = None, batch_size: int = 16, rule: str = "pope", nlp: str = "auto",
                chair_method: str = "opera", force: bool = False, vlm=None,
-               progress: Progress = no_progress) -> dict[str, Any]:
+               progress: Progress = no_progress, scale: Scale = LOCAL) -> dict[str, Any]:
     """Run `benchmark` ("pope" or "chair") on `model` under plain greedy and each of `methods`, into run `out`.
 
     Args:
@@ -50,6 +51,7 @@ def bench_step(out: str | Path, *, benchmark: str, model: str, data: str = "synt
         max_new_tokens: the decoding length (default 16 for POPE, 64 for CHAIR), the same for every method.
         rule: POPE's answer rule. nlp: CHAIR's NLP components ("auto", "nltk", "offline").
         chair_method: CHAIR's word extraction ("opera", "original").
+        scale: where the replies are computed (`halluscope.scale`).
 
     Returns:
         {"table": the comparison table, "summary": what the run records about it, "run": the Run}.
@@ -83,7 +85,8 @@ def bench_step(out: str | Path, *, benchmark: str, model: str, data: str = "synt
         image_of = dict(zip(images["image_id"], images["image"]))
         pairs = [(image_of[i], p) for i, p in zip(items["image_id"], items["prompt"])]
         replies = pd.concat([_replies(run, benchmark, method, vlm, pairs, batch_size=batch_size, tokens=tokens,
-                                      force=force, progress=progress) for method in parsed], ignore_index=True)
+                                      force=force, progress=progress, scale=scale) for method in parsed],
+                            ignore_index=True)
         annotations = run.read_json("annotations")
         table, details, notes = module.score(items, replies, annotations=annotations, rule=rule,
                                              nlp=options.get("nlp_components"), chair_method=chair_method)
@@ -126,7 +129,7 @@ def _build_items(module, data: str, *, n: int, seed: int, prompt: str) -> tuple:
 
 
 def _replies(run: Run, benchmark: str, method, vlm, pairs: list, *, batch_size: int, tokens: int, force: bool,
-             progress: Progress) -> pd.DataFrame:
+             progress: Progress, scale: Scale) -> pd.DataFrame:
     """The method's reply to every item (method, item, reply), from its finished shards plus the rest.
 
     The method's step is begun on its own `Run` object, so that the comparison table written afterwards is
@@ -139,14 +142,16 @@ def _replies(run: Run, benchmark: str, method, vlm, pairs: list, *, batch_size: 
     run.begin_step(step, {"method": method.name, "intervention": method.record()["intervention"],
                           "batch_size": batch_size}, force=force)
 
-    def compute(start: int, stop: int) -> Iterator[pd.DataFrame]:
-        for replies in iter_replies(vlm, pairs[start:stop], batch_size=batch_size, max_new_tokens=tokens,
-                                    intervention=method.intervention):
+    intervention = method.intervention
+
+    def compute(vlm, rows: list, start: int) -> Iterator[pd.DataFrame]:
+        for replies in iter_replies(vlm, rows, batch_size=batch_size, max_new_tokens=tokens,
+                                    intervention=intervention):
             yield pd.DataFrame({"item": range(start, start + len(replies)), "reply": [r for r, _ in replies]})
             start += len(replies)
 
-    table = fill_parts(run.parts(step), len(pairs), compute, chunk=max(batch_size, 32), progress=progress,
-                       description=f"{benchmark} {method.name}")
+    table = fill_parts(run.parts(step), pairs, compute, chunk=max(batch_size, 32), progress=progress,
+                       description=f"{benchmark} {method.name}", vlm=vlm, scale=scale)
     run.finish_step(step, {"replies": len(table)})
     return table.assign(method=method.name)[["method", "item", "reply"]]
 

@@ -6,12 +6,14 @@ and the final table has every (prompt, layer, head) row exactly once.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+import functools
+from typing import Callable, Iterable, Iterator, Sequence
 
 import pandas as pd
 import torch
 
 from halluscope.errors import InputError
+from halluscope.scale import LOCAL, ModelSource, Scale, map_shards
 from halluscope.sweep.attribution import ESTIMATORS, attribution_scores, estimate_rows
 from halluscope.sweep.engine import SweepItem, generate_prompt, prepare_generate, prepare_score, score_prompt
 
@@ -69,13 +71,14 @@ def shard_count(mode: str, items: int, layers: int) -> int:
 def run_sweep(vlm, parts, items: Sequence[SweepItem], grid: Sequence[tuple[int, int]], *,
               mode: str = "score", batch_size: int = 16, max_new_tokens: int = 50,
               intervention_mode: str = "zero", means: torch.Tensor | None = None, verify_top: int = 0,
-              on_shard: Callable[[], None] | None = None) -> pd.DataFrame:
+              on_shard: Callable[[], None] | None = None, scale: Scale = LOCAL) -> pd.DataFrame:
     """Sweep single-head knockouts of every (layer, head) in `grid` over `items`.
 
     Exact modes ("score", "generate") write one shard per (item, layer). Estimators ("atp", "atp-star") write one
     shard per item: every head's estimate, plus exact score-mode rows for the `verify_top` heads with the largest
-    estimated effect. Finished shards in `parts` (a `runs.Parts`) are skipped. Returns the full table, one row
-    per (item, layer, head, estimator), sorted by item order, layer, head.
+    estimated effect. Finished shards in `parts` (a `runs.Parts`) are skipped; the rest run where `scale` says
+    (`halluscope.scale.map_shards`), one task per item. Returns the full table, one row per (item, layer, head,
+    estimator), sorted by item order, layer, head.
     """
     if mode not in SWEEP_MODES:
         raise InputError(f"unknown sweep mode {mode!r}; use one of {', '.join(SWEEP_MODES)}")
@@ -85,35 +88,47 @@ def run_sweep(vlm, parts, items: Sequence[SweepItem], grid: Sequence[tuple[int, 
     for layer, head in sorted(set(grid)):
         by_layer.setdefault(layer, []).append((layer, head))
     done = parts.done()
+    shards = []  # (index, item, layers still to do; None for an estimator's one shard per item)
     for index, item in enumerate(items):
         if mode in ESTIMATORS:
             if _key(index) not in done:
-                parts.write(_key(index), _estimated(vlm, item, index, sorted(set(grid)), mode, intervention_mode,
-                                                    means, verify_top, batch_size, max_new_tokens))
-                if on_shard is not None:
-                    on_shard()
+                shards.append((index, item, None))
             continue
-        todo = [layer for layer in by_layer if _key(index, layer) not in done]
-        if not todo:
-            continue
-        # one clean reply and clean forward per prompt, shared by all its layers
-        prepare = prepare_score if mode == "score" else prepare_generate
-        setup = prepare(vlm, item, max_new_tokens=max_new_tokens)
-        for layer in todo:
-            heads = by_layer[layer]
-            if mode == "score":
-                results = score_prompt(vlm, setup, heads, mode=intervention_mode, means=means, batch_size=batch_size)
-            else:
-                results = generate_prompt(vlm, setup, heads, mode=intervention_mode, means=means,
-                                          batch_size=batch_size, max_new_tokens=max_new_tokens)
-            frame = _frame(item, index, heads, mode, "exact", results)
-            if mode == "score":
-                frame["clean_reply"] = setup.clean_reply
-            parts.write(_key(index, layer), frame)
-            if on_shard is not None:
-                on_shard()
+        todo = tuple(layer for layer in by_layer if _key(index, layer) not in done)
+        if todo:
+            shards.append((index, item, todo))
+    work = functools.partial(_sweep_shard, by_layer=by_layer, mode=mode, intervention_mode=intervention_mode,
+                             means=means, verify_top=verify_top, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    map_shards(shards, work, parts.write, model=ModelSource(vlm), scale=scale,
+               on_part=None if on_shard is None else lambda key, frame: on_shard())
     table = parts.read_all()
     return table.sort_values(["item", "layer", "head"], kind="stable").reset_index(drop=True)
+
+
+def _sweep_shard(vlm, shard: tuple[int, SweepItem, tuple[int, ...] | None], *,
+                 by_layer: dict[int, list[tuple[int, int]]], mode: str, intervention_mode: str, means, verify_top: int,
+                 batch_size: int, max_new_tokens: int) -> Iterator[tuple[str, pd.DataFrame]]:
+    """One item's parts: each of its `layers` (exact modes, one clean reply and clean forward shared by them), or
+    its one estimator part."""
+    index, item, layers = shard
+    if layers is None:
+        heads = [head for layer in by_layer for head in by_layer[layer]]
+        yield _key(index), _estimated(vlm, item, index, heads, mode, intervention_mode, means, verify_top, batch_size,
+                                      max_new_tokens)
+        return
+    prepare = prepare_score if mode == "score" else prepare_generate
+    setup = prepare(vlm, item, max_new_tokens=max_new_tokens)
+    for layer in layers:
+        heads = by_layer[layer]
+        if mode == "score":
+            results = score_prompt(vlm, setup, heads, mode=intervention_mode, means=means, batch_size=batch_size)
+        else:
+            results = generate_prompt(vlm, setup, heads, mode=intervention_mode, means=means,
+                                      batch_size=batch_size, max_new_tokens=max_new_tokens)
+        frame = _frame(item, index, heads, mode, "exact", results)
+        if mode == "score":
+            frame["clean_reply"] = setup.clean_reply
+        yield _key(index, layer), frame
 
 
 def _frame(item: SweepItem, index: int, heads, mode: str, estimator: str, results) -> pd.DataFrame:

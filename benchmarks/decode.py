@@ -1,0 +1,173 @@
+"""Mitigation-decoding throughput: every method against plain greedy `generate`, in one process.
+
+Builds two ~70M-parameter random checkpoints offline and loads them through `load_vlm`: the Qwen2-VL of
+`benchmarks/sweep.py` and a LLaVA of the same size (Llama text model: 8 layers, hidden 512, 8 heads, vocab
+32000; CLIP vision 4 x 256). On the same batch of counting prompts (several prompts, `--max-new-tokens` new
+tokens each) it times plain greedy `VLM.generate_ids` and `halluscope.decode` under every registered method at
+its paper's defaults, and halluscope's loop with no method ("loop": what each method adds to, so the two ratios
+separate the method's cost from the loop's). The methods run interleaved within each repetition (in a rotating
+order, so a change in the machine's load hits all of them alike); a method's ratio is its tokens/s over greedy's
+tokens/s in the same repetition, and the median over repetitions is reported per model. Tokens are all
+generated positions of all rows (both decoders run every row until every row has ended).
+
+Targets: methods with a second branch (VCD, M3ID, ICD, RITUAL, PAI) >= 0.75x, since their branch runs as extra
+rows of the same forward; methods with no extra forward (DoLa, VAF, heads) >= 0.9x. The last lines give one
+ratio per method, the lower of the two models': `decode <method> <ratio>x`.
+
+If MitigV (PyPI `mitigv`) is importable, its VCD runs in the same repetitions on the models it supports (LLaVA
+here), over the same prompts one call each (its API takes one prompt and returns text only, so its tokens are
+counted as the full budget: an upper bound on its speed, exact while no reply ends early).
+It is not a dependency: put a `pip install --no-deps mitigv` target on PYTHONPATH to include it.
+
+    python benchmarks/decode.py [--prompts 4] [--max-new-tokens 32] [--repetitions 5] [--threads 2]
+    PYTHONPATH=DIR python benchmarks/decode.py     # with MitigV's VCD (pip install --no-deps --target DIR mitigv)
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sweep import build_checkpoint as build_qwen  # noqa: E402  (the 70M Qwen2-VL of the sweep benchmark)
+
+TARGETS = {"vcd": 0.75, "m3id": 0.75, "icd": 0.75, "ritual": 0.75, "pai": 0.75, "dola": 0.9, "vaf": 0.9,
+           "heads": 0.9}
+SETTINGS = {"heads": {"heads": "L0H1,L1H2"}}  # the others at their defaults
+
+
+def build_llava(out: Path) -> Path:
+    """A ~70M-parameter random LLaVA with the tiny offline tokenizer and a realistic vocabulary size."""
+    from halluscope.models.tiny import build_tiny
+
+    tiny = build_tiny("llava", out / "tokenizer-source")
+    processor = transformers.LlavaProcessor.from_pretrained(tiny)
+    tok = processor.tokenizer
+    text = transformers.LlamaConfig(hidden_size=512, num_attention_heads=8, num_key_value_heads=8,
+                                    num_hidden_layers=8, intermediate_size=2048, head_dim=64, vocab_size=32000,
+                                    max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
+                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    vision = transformers.CLIPVisionConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                                           intermediate_size=1024, image_size=224, patch_size=32)
+    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_seq_length=49,
+                                      image_token_index=tok.convert_tokens_to_ids("<image>"),
+                                      vision_feature_select_strategy="default", vision_feature_layer=-2)
+    torch.manual_seed(0)
+    model = transformers.LlavaForConditionalGeneration(config).eval()
+    model.generation_config = transformers.GenerationConfig(eos_token_id=tok.eos_token_id,
+                                                            pad_token_id=tok.pad_token_id)
+    target = out / "llava_70m"
+    model.save_pretrained(target)
+    processor.save_pretrained(target)
+    return target
+
+
+def mitigv_vcd(vlm, pairs, max_new_tokens: int):
+    """MitigV's VCD on the same model and prompts (its API decodes one prompt per call), or None if MitigV is not
+    importable; returns a function giving the number of tokens generated."""
+    try:
+        import mitigv
+    except ImportError:
+        return None
+    family = vlm.family.name if vlm.family.name in ("llava", "qwen2_5_vl") else None
+    if family is None:
+        return None
+    vcd = mitigv.load_mitigator("vcd", model=vlm.model, processor=vlm.processor, model_type=family)
+
+    def run() -> int:
+        for image, prompt in pairs:
+            vcd(vlm.prepared_image(image), prompt, max_new_tokens=max_new_tokens)
+        return len(pairs) * max_new_tokens  # its API returns text only; random weights never end a reply early
+
+    return run
+
+
+def time_model(vlm, pairs, methods: dict, max_new_tokens: int, repetitions: int) -> dict[str, list[float]]:
+    """Tokens/s of greedy `generate`, the plain loop and every method per repetition, interleaved."""
+    from halluscope.decoding import decode_ids
+    from halluscope.decoding.branches import SourcedBatch
+
+    encoded = vlm.encode(pairs)
+    batch = SourcedBatch(encoded.inputs, encoded.image_mask, encoded.image_spans, pairs=pairs)
+    runs = {"greedy": lambda: vlm.generate_ids(batch, max_new_tokens=max_new_tokens).numel(),
+            "loop": lambda: decode_ids(vlm, batch, max_new_tokens=max_new_tokens).numel()}
+    runs.update({name: (lambda m=m: decode_ids(vlm, batch, m, max_new_tokens=max_new_tokens).numel())
+                 for name, m in methods.items()})
+    other = mitigv_vcd(vlm, pairs, max_new_tokens)
+    if other is not None:
+        runs["mitigv-vcd"] = other
+    for run in runs.values():  # warm-up: first calls pay one-off costs
+        run()
+    names = list(runs)
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(repetitions):
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
+            start = time.perf_counter()
+            tokens = runs[name]()
+            rates[name].append(tokens / (time.perf_counter() - start))
+        print(f"  repetition {rep + 1}: greedy {rates['greedy'][-1]:.1f} tokens/s; " +
+              " ".join(f"{n}={rates[n][-1] / rates['greedy'][-1]:.2f}" for n in names[1:]), flush=True)
+    return rates
+
+
+def ratio(rates: dict[str, list[float]], name: str, reference: str) -> float:
+    """Median over repetitions of `name`'s tokens/s over `reference`'s in the same repetition."""
+    return statistics.median(a / b for a, b in zip(rates[name], rates[reference]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompts", type=int, default=4, help="prompts decoded together in one batch")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--repetitions", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+    from halluscope.decoding import available_methods, build_method
+    from halluscope.models.load import load_vlm
+    from halluscope.tasks.counting import synthetic_counting
+
+    samples = [s for s in synthetic_counting(args.prompts, seed=7, offsets=(3,), size=224, min_count=5)
+               if s.kind == "misleading"][:args.prompts]
+    pairs = [(s.image, s.prompt) for s in samples]
+    methods = {name: build_method(name, **SETTINGS.get(name, {})) for name in available_methods()
+               if name != "greedy"}
+    print(f"{len(pairs)} prompts x {args.max_new_tokens} new tokens, {args.repetitions} repetitions; torch "
+          f"{torch.__version__}, transformers {transformers.__version__}; threads {args.threads}; "
+          f"{platform.processor() or platform.machine()}")
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, build in (("qwen2_vl_70m", build_qwen), ("llava_70m", build_llava)):
+            vlm = load_vlm(build(Path(tmp)))
+            n_params = sum(p.numel() for p in vlm.model.parameters())
+            print(f"{label}: {n_params / 1e6:.1f}M parameters, {vlm.n_layers} layers", flush=True)
+            results[label] = time_model(vlm, pairs, methods, args.max_new_tokens, args.repetitions)
+    print(f"{'':>10} " + " ".join(f"{label + ' vs generate':>26} {'vs loop':>8}" for label in results) +
+          "   target")
+    for name in ["loop", *methods]:
+        target = f"   >= {TARGETS[name]:.2f}x" if name in TARGETS else ""
+        print(f"{name:>10} " + " ".join(f"{ratio(rates, name, 'greedy'):>25.2f}x {ratio(rates, name, 'loop'):>7.2f}x"
+                                        for rates in results.values()) + target)
+    for label, rates in results.items():
+        print(f"{label}: greedy generate {statistics.median(rates['greedy']):.1f} tokens/s (median)")
+        if "mitigv-vcd" in rates:
+            print(f"MitigV's VCD on {label} (one prompt per call, its noised branch a second forward): "
+                  f"{ratio(rates, 'mitigv-vcd', 'greedy'):.2f}x greedy generate, {ratio(rates, 'vcd', 'greedy'):.2f}x "
+                  f"for halluscope's VCD")
+    for name in methods:
+        print(f"decode {name} {min(ratio(rates, name, 'greedy') for rates in results.values()):.2f}x")
+
+
+if __name__ == "__main__":
+    main()

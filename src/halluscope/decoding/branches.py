@@ -1,0 +1,180 @@
+"""Second branches of a decoding run as extra batch rows: their inputs, positions and one joint key/value cache.
+
+A contrastive method compares the model's next-token logits on the real input with those on a second input:
+the image perturbed or augmented, no image at all, or a disturbance instruction before the prompt. Each such
+branch is a `Batch` with one row per real row, wrapped in the model's chat template (`branch_batch`). All rows
+of all branches are prefilled (branches whose inputs have the same shapes in one forward), then packed into one
+left-padded cache (`Rows`), so every decoding step is one forward of (1 + branches) x batch rows, each with its
+own cache rows, attention mask and position ids. A no-image branch on an M-RoPE model (Qwen2-VL, Qwen2.5-VL)
+gets the text-only positions of its own input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from halluscope.decoding.attention import set_columns
+from halluscope.errors import InputError
+from halluscope.images import ImageLike
+from halluscope.models.compat import cache_argument, output_cache
+from halluscope.models.vlm import Batch
+from halluscope.sweep.cache import pack_caches
+
+__all__ = ["SourcedBatch", "Rows", "branch_batch", "encode_text", "join_batches", "prefill_positions",
+           "uses_mrope"]
+
+
+@dataclass
+class SourcedBatch(Batch):
+    """A `Batch` that remembers the (image, prompt) pairs it was encoded from, which branches that change the
+    image or the prompt need (`VLM.encode` inside `mitigate` returns one)."""
+
+    pairs: list[tuple[ImageLike, str]] = field(default_factory=list)
+
+
+def encode_text(vlm, prompts: Sequence[str]) -> Batch:
+    """Prompts without an image, each wrapped in the model's chat template as a text-only user turn: [batch, seq]."""
+    texts = [vlm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": p}]}], chat_template=vlm.chat_template,
+        tokenize=False, add_generation_prompt=True) for p in prompts]
+    inputs = vlm.processor(text=texts, padding=True, return_tensors="pt")
+    inputs = {k: v.to(vlm.device) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    no_image = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
+    return Batch(inputs, no_image, [[] for _ in prompts])
+
+
+def branch_batch(vlm, pairs: Sequence[tuple[ImageLike | None, str]]) -> Batch:
+    """A branch's rows: `VLM.encode` when every pair has an image, `encode_text` when none has.
+
+    Raises:
+        InputError: some pairs have an image and others not (a branch is one kind of input).
+    """
+    with_image = [image is not None for image, _ in pairs]
+    if all(with_image):
+        return vlm.encode(list(pairs))
+    if not any(with_image):
+        return encode_text(vlm, [prompt for _, prompt in pairs])
+    raise InputError("a branch mixes rows with and without an image; give every row of a branch an image or none")
+
+
+def join_batches(batches: Sequence[Batch]) -> Batch:
+    """Batches of the same sequence length as one batch (rows stacked in order; image tensors concatenated
+    along their first dimension, which is how every family batches them)."""
+    keys = batches[0].inputs.keys()
+    inputs = {k: torch.cat([b.inputs[k] for b in batches]) for k in keys}
+    return Batch(inputs, torch.cat([b.image_mask for b in batches]), [s for b in batches for s in b.image_spans])
+
+
+def uses_mrope(vlm) -> bool:
+    """True for models with 3-D multimodal rotary positions (Qwen2-VL, Qwen2.5-VL): their model computes them."""
+    return hasattr(vlm.model.model, "get_rope_index")
+
+
+def _text_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)
+
+
+def prefill_positions(vlm, batch: Batch) -> torch.Tensor:
+    """The position ids of a left-padded prefill, as generate computes them: [batch, seq] counting from each
+    row's first real token, or [3, batch, seq] M-RoPE ids (from the image grid when the rows hold images, the
+    text positions repeated when they do not)."""
+    text = _text_positions(batch.attention_mask)
+    if not uses_mrope(vlm):
+        return text
+    if "image_grid_thw" not in batch.inputs:
+        return text[None].expand(3, -1, -1)
+    inputs = batch.inputs
+    return vlm.model.model.get_rope_index(
+        inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
+        attention_mask=inputs["attention_mask"])[0]
+
+
+def _joinable_groups(batches: Sequence[Batch]) -> list[list[int]]:
+    """Indices of batches that can share one forward: the same tensors with the same shapes past the batch
+    dimension (sequence length, image layout)."""
+    groups: dict[tuple, list[int]] = {}
+    for index, batch in enumerate(batches):
+        key = tuple((name, tuple(value.shape[1:])) for name, value in sorted(batch.inputs.items()))
+        groups.setdefault(key, []).append(index)
+    return list(groups.values())
+
+
+@dataclass
+class Rows:
+    """Every row of every branch during decoding: one packed cache, its mask, each row's next position.
+
+    Row `b * n + r` is row r of branch b (branch 0 is the real input). `image_columns` [rows, columns] marks the
+    cache columns that hold image tokens and `prompt_start` [rows] the column of each row's first real token
+    (attention edits read them); both cover the decoded columns too (never image tokens).
+    """
+
+    cache: Any
+    mask: torch.Tensor  # [rows, columns so far]
+    next_position: torch.Tensor  # [rows] (or [3, rows] for M-RoPE)
+    image_columns: torch.Tensor  # [rows, width + max_new_tokens]
+    prompt_start: torch.Tensor  # [rows]
+    n: int  # real rows per branch
+
+    @classmethod
+    @torch.inference_mode()
+    def prefill(cls, vlm, batches: Sequence[Batch], max_new_tokens: int,
+                hidden: bool = False) -> tuple["Rows", torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """Prefill every branch (one forward for all that have the same input shapes) and pack the caches.
+
+        Returns the rows, the last-position logits [rows, vocab] and, with `hidden`, every layer's last-position
+        hidden state (embeddings first, the final normed state last), each [rows, hidden_size].
+        """
+        n = len(batches[0])
+        if any(len(b) != n for b in batches):
+            raise InputError(f"branches have {[len(b) for b in batches]} rows; every branch needs one row per input")
+        per_row: list[Any] = [None] * (n * len(batches))
+        logits: list[Any] = [None] * (n * len(batches))
+        states: list[Any] = [None] * (n * len(batches))
+        positions: list[Any] = [None] * (n * len(batches))
+        images: list[Any] = [None] * (n * len(batches))
+        for group in _joinable_groups(batches):
+            joined = join_batches([batches[i] for i in group])
+            pos = prefill_positions(vlm, joined)
+            set_columns(joined.image_mask, joined.attention_mask)
+            out = vlm.model(**joined.inputs, position_ids=pos, use_cache=True, logits_to_keep=1,
+                            output_hidden_states=hidden)
+            cache = output_cache(out)
+            lengths = joined.attention_mask.sum(1).tolist()
+            for j, index in enumerate(group):
+                for r in range(n):
+                    row, g = index * n + r, j * n + r
+                    length = int(lengths[g])
+                    per_row[row] = [(layer.keys[g:g + 1, :, -length:], layer.values[g:g + 1, :, -length:])
+                                    for layer in cache.layers]
+                    logits[row] = out.logits[g, -1]
+                    positions[row] = pos[..., g, -1]
+                    images[row] = joined.image_mask[g, -length:]
+                    if hidden:
+                        states[row] = torch.stack([h[g, -1] for h in out.hidden_states])
+        packed, mask, width = pack_caches(per_row, max_new_tokens)
+        image_columns = torch.zeros(len(per_row), width + max_new_tokens, dtype=torch.bool, device=vlm.device)
+        for row, columns in enumerate(images):
+            image_columns[row, width - len(columns):width] = columns
+        rows = cls(packed, mask, torch.stack(positions, -1) + 1, image_columns, width - mask.sum(1), n)
+        hidden_states = tuple(torch.stack(states)[:, i] for i in range(states[0].shape[0])) if hidden else None
+        return rows, torch.stack(logits), hidden_states
+
+    @torch.inference_mode()
+    def step(self, vlm, tokens: torch.Tensor,
+             hidden: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """Feed one token per row [rows]; the next logits [rows, vocab] and, with `hidden`, every layer's
+        hidden state [rows, hidden_size] (the last one final-normed)."""
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], 1)
+        set_columns(self.image_columns[:, :self.mask.shape[1]], self.mask)
+        out = vlm.text_model(input_ids=tokens[:, None], attention_mask=self.mask,
+                             position_ids=self.next_position[..., None], use_cache=True,
+                             output_hidden_states=hidden, **{cache_argument(vlm.text_model): self.cache})
+        self.next_position = self.next_position + 1
+        logits = vlm.lm_head(out.last_hidden_state[:, -1])
+        states = tuple(h[:, -1] for h in out.hidden_states) if hidden else None
+        return logits, states

@@ -1,0 +1,91 @@
+"""Second branches decode as extra rows of the real rows' forwards, each exactly as if run alone: at every step,
+every branch's logits equal one full forward (no cache, no padding, no other rows) of that branch's own input,
+on every family, in a batch of prompts of unequal length."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from halluscope.decoding import decode_ids
+from halluscope.decoding.branches import SourcedBatch, branch_batch, encode_text
+from halluscope.decoding.methods.base import DecodingMethod
+from halluscope.sweep.slot import append_tokens
+from halluscope.tasks.scenes import count_scene
+
+PAIRS = [(count_scene(3, "circle", size=112, seed=1), "How many circles?"),
+         (count_scene(5, "star", size=112, seed=2), "Describe the 7 stars in this image, one by one.")]
+
+
+def _noised(image: Image.Image) -> Image.Image:
+    rng = np.random.default_rng(0)
+    pixels = np.asarray(image, dtype=np.float32) + rng.normal(0, 60, (image.height, image.width, 3))
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+# one builder per kind of branch: perturbed image, augmented image, no image, disturbance instruction
+BRANCHES = {
+    "perturbed": lambda pairs: [(_noised(image), prompt) for image, prompt in pairs],
+    "augmented": lambda pairs: [(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), prompt) for image, prompt in pairs],
+    "no-image": lambda pairs: [(None, prompt) for _, prompt in pairs],
+    "disturbed": lambda pairs: [(image, f"You are a confused object detector. {prompt}") for image, prompt in pairs],
+}
+
+
+class _Recorder(DecodingMethod):
+    """Every branch of BRANCHES beside the real rows; records each step's logits and follows the real rows."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[list[torch.Tensor]] = []
+
+    def branches(self, vlm, batch):
+        return [branch_batch(vlm, build(batch.pairs)) for build in BRANCHES.values()]
+
+    def step_logits(self, context):
+        self.seen.append([logits.clone() for logits in context.logits])
+        return context.logits[0]
+
+
+def test_every_branch_equals_its_own_full_forward_at_every_step(vlm):
+    encoded = vlm.encode(PAIRS)
+    batch = SourcedBatch(encoded.inputs, encoded.image_mask, encoded.image_spans, pairs=PAIRS)
+    recorder = _Recorder()
+    tokens = decode_ids(vlm, batch, recorder, max_new_tokens=6).tolist()
+    inputs = [PAIRS, *(build(PAIRS) for build in BRANCHES.values())]
+    assert len(recorder.seen) == len(tokens[0])
+    for b, pairs in enumerate(inputs):
+        for r, pair in enumerate(pairs):
+            alone = branch_batch(vlm, [pair])
+            for step, seen in enumerate(recorder.seen):
+                full = append_tokens(alone, tokens[r][:step])
+                with torch.inference_mode():
+                    expected = vlm.model(**full.inputs).logits[0, -1]
+                torch.testing.assert_close(seen[b][r], expected, atol=1e-4, rtol=0,
+                                           msg=f"branch {b} row {r} step {step}")
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_no_image_branch_gets_text_only_mrope_positions(vlm):
+    """A text-only row's 3-D positions count 0, 1, 2, ... in every component, from its own first token."""
+    from halluscope.decoding.branches import prefill_positions
+
+    batch = encode_text(vlm, ["How many circles?", "Describe the 7 stars in this image, one by one."])
+    positions = prefill_positions(vlm, batch)
+    assert positions.shape == (3, 2, batch.seq_len)
+    for row in range(2):
+        n = int(batch.attention_mask[row].sum())
+        assert positions[:, row, -n:].tolist() == [list(range(n))] * 3
+
+
+def test_every_branch_is_wrapped_in_the_chat_template(vlm):
+    """The no-image branch renders the same user turn as `VLM.render`, minus the image part."""
+    text = vlm.tokenizer.decode(encode_text(vlm, ["How many circles?"]).input_ids[0], skip_special_tokens=False)
+    rendered = vlm.render("How many circles?")
+    tail = rendered[rendered.index("How many circles?"):]
+    assert text.rstrip().endswith(tail.rstrip())
+    assert vlm.image_token_id not in encode_text(vlm, ["How many circles?"]).input_ids[0].tolist()
