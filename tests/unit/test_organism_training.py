@@ -134,3 +134,12 @@ def test_recipes_read_back_from_their_trainlog_dict():
 def test_every_kind_names_a_recipe_of_its_kind_and_its_own_checkpoint():
     assert {kind.load("recipe").kind for kind in KINDS.values()} == set(KINDS)
     assert len({kind.checkpoint for kind in KINDS.values()}) == len(KINDS)
+
+
+def test_an_unknown_organism_name_is_refused_with_the_names():
+    from halluscope.errors import ModelLoadError
+    from halluscope.organism import organism_path
+
+    with pytest.raises(ModelLoadError, match="'organism-scene' is not a built-in organism; use one of organism, "
+                                             "organism-scenes"):
+        organism_path("organism-scene")

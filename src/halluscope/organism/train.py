@@ -80,7 +80,8 @@ def _save_atomic(obj, path: Path) -> None:
 def train(out: str | os.PathLike, recipe: Recipe, *, save_every: int = 250, log_every: int = 50,
           log: Callable[[str], None] = print) -> Path:
     """Train the organism `recipe` describes into `out` (model, processor, trainlog.json); resumes from
-    `out/train_state.pt`.
+    `out/train_state.pt`. The log records every `log_every` steps the loss, the learning rate, the training
+    seconds so far (over all resumed segments) and the machine's 1-minute load average.
 
     Raises:
         RunError: `out` holds the state of a run with another recipe.
@@ -116,7 +117,8 @@ def train(out: str | os.PathLike, recipe: Recipe, *, save_every: int = 250, log_
         start, history = state["step"], state["history"]
         log(f"resuming at step {start}")
     drophead = _DropHead(model, recipe)
-    began, ema = time.time(), None
+    # the log's seconds add up over resumed segments (the steps a kill lost are not counted twice)
+    began, ema = time.time() - (history[-1]["seconds"] if history else 0.0), None
     try:
         for step in range(start, recipe.steps):
             batch = data.batch(rng, recipe.batch_size)
