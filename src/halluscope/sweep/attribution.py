@@ -77,12 +77,8 @@ def _tracked_heads(vlm, captured: list) -> Iterator[None]:
         captured.append(x)
         return (x,)
 
-    handles = [vlm.o_proj(layer).register_forward_pre_hook(hook) for layer in range(vlm.n_layers)]
-    try:
+    with _removed_after([vlm.o_proj(layer).register_forward_pre_hook(hook) for layer in range(vlm.n_layers)]):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextmanager
@@ -96,12 +92,8 @@ def _tracked_residuals(vlm, captured: list) -> Iterator[None]:
         captured.append(output[0] if isinstance(output, tuple) else output)
 
     handles = [layer.register_forward_pre_hook(before, with_kwargs=True) for layer in vlm.layers]
-    handles.append(vlm.layers[-1].register_forward_hook(after))
-    try:
+    with _removed_after([*handles, vlm.layers[-1].register_forward_hook(after)]):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextmanager
@@ -111,11 +103,18 @@ def _tracked_positions(vlm, captured: list) -> Iterator[None]:
     def hook(module, args, kwargs):
         captured.append(kwargs.get("position_ids"))
 
-    handle = vlm.text_model.register_forward_pre_hook(hook, with_kwargs=True)
+    with _removed_after([vlm.text_model.register_forward_pre_hook(hook, with_kwargs=True)]):
+        yield
+
+
+@contextmanager
+def _removed_after(handles: list) -> Iterator[None]:
+    """Keep the hooks `handles` registered for the block and remove them after it, also on an exception."""
     try:
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 @dataclass
