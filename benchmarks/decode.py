@@ -11,8 +11,9 @@ tokens/s in the same repetition, and the median over repetitions is reported per
 generated positions of all rows (both decoders run every row until every row has ended).
 
 Targets: methods with a second branch (VCD, M3ID, ICD, RITUAL, PAI) >= 0.75x, since their branch runs as extra
-rows of the same forward; methods with no extra forward (DoLa, VAF, heads) >= 0.9x. The last lines give one
-ratio per method, the lower of the two models': `decode <method> <ratio>x`.
+rows of the same forward; methods with no extra forward per token (DoLa, VAF, heads, DeCo; VHR and VISTA, whose
+two prefills per call for their per-prompt scores count against them at short replies) >= 0.9x. The last lines
+give one ratio per method, the lower of the two models': `decode <method> <ratio>x`.
 
 If MitigV (PyPI `mitigv`) is importable, its VCD runs in the same repetitions on the models it supports (LLaVA
 here), over the same prompts one call each (its API takes one prompt and returns text only, so its tokens are
@@ -40,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sweep import build_checkpoint as build_qwen  # noqa: E402  (the 70M Qwen2-VL of the sweep benchmark)
 
 TARGETS = {"vcd": 0.75, "m3id": 0.75, "icd": 0.75, "ritual": 0.75, "pai": 0.75, "dola": 0.9, "vaf": 0.9,
-           "heads": 0.9}
+           "heads": 0.9, "vhr": 0.9, "vista": 0.9, "deco": 0.9}
 SETTINGS = {"heads": {"heads": "L0H1,L1H2"}}  # the others at their defaults
 
 

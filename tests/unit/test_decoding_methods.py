@@ -30,6 +30,9 @@ NEUTRAL = {
     "pai": {"alpha": 0.0, "gamma": 1.0},
     "dola": {"strength": 0.0},
     "vaf": {"image_scale": 1.0, "system_scale": 1.0},
+    "vhr": {"scale": 1.0},
+    "vista": {"lam": 0.0, "alpha": 0.0},
+    "deco": {"alpha": 0.0},
 }
 
 

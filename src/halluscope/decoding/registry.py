@@ -92,5 +92,8 @@ for _spec in (
     MethodSpec("pai", f"{_M}.pai:PAI", (), "image attention boosted, guided against the no-image branch"),
     MethodSpec("dola", f"{_M}.dola:DoLa", (), "final layer contrasted with the most different early layer"),
     MethodSpec("vaf", f"{_M}.vaf:VAF", ("clearsight",), "middle-layer attention to image tokens scaled up"),
+    MethodSpec("vhr", f"{_M}.vhr:VHR", (), "heads most changed by removing the image amplified at o_proj"),
+    MethodSpec("vista", f"{_M}.vista:VISTA", (), "visual steering vector in every layer, late-layer logits mixed in"),
+    MethodSpec("deco", f"{_M}.deco:DeCo", (), "final-layer candidates rescored with the surest preceding layer"),
 ):
     register_method(_spec)

@@ -1,0 +1,102 @@
+"""DeCo: the final layer's candidate tokens re-scored with the logits of the preceding layer most sure of one of them.
+
+Wang et al., "MLLM Can See? Dynamic Correction Decoding for Hallucination Mitigation", ICLR 2025,
+arXiv:2410.11779. Candidates: the final layer's `top_k` most likely tokens, cut to the smallest set whose
+probability reaches `top_p`. Anchor: the layer of an early-exit window whose distribution softmax(lm_head(norm(h_j)))
+gives some candidate the highest probability; conf is that probability. Scores: l_N + alpha * conf * l_anchor on
+the candidates, -inf elsewhere. Paper settings (LLaVA-1.5, 32 layers): top_k 20, top_p 0.9, alpha 0.6, window
+20 to 28; here the window is hidden-state indices (0 the embeddings, as in DoLa), by default
+floor(20 L / 32)..floor(28 L / 32) of L layers, or the layers given. No extra forward; lm_head over the window
+per token. Neutral: alpha 0 (the candidate mask alone never removes the top token, so greedy picks are kept).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from halluscope.decoding.methods.base import DecodingMethod, MethodConfig, ranged
+from halluscope.errors import InputError
+
+__all__ = ["DeCo", "DeCoConfig", "candidate_tokens", "early_exit_logits", "early_exit_window"]
+
+
+@dataclass(frozen=True)
+class DeCoConfig(MethodConfig):
+    alpha: float = ranged(0.6, 0.0, doc="weight of the anchor layer's logits; 0 is neutral")
+    top_k: int = ranged(20, 1, integer=True, doc="most candidates taken from the final layer")
+    top_p: float = ranged(0.9, 0.0, 1.0, low_open=True, doc="candidates cut to the set whose probability reaches it")
+    start_layer: int | None = ranged(None, 0, integer=True, doc="first window layer; None: the paper's share")
+    end_layer: int | None = ranged(None, 1, integer=True, doc="layer after the window's last; None: the paper's")
+
+
+def early_exit_window(n_layers: int, start: int | None, end: int | None, paper: tuple[int, int],
+                      method: str) -> list[int]:
+    """Hidden-state indices start..end-1 of an early-exit window (0 = embeddings; the final normed state is never
+    one); a None bound takes the paper's window `paper` (first, last of 32 layers) scaled to `n_layers`.
+
+    Raises:
+        InputError: the window is empty or reaches past the last layer before the final one.
+    """
+    first = paper[0] * n_layers // 32 if start is None else start
+    stop = paper[1] * n_layers // 32 + 1 if end is None else end
+    if not 0 <= first < stop <= n_layers:
+        raise InputError(f"{method} early-exit layers {first}..{stop - 1} do not fit this model's {n_layers} "
+                         f"layers; pass 0 <= start_layer < end_layer <= {n_layers}")
+    return list(range(first, stop))
+
+
+def early_exit_logits(norm: nn.Module, lm_head: nn.Module, hidden: tuple[torch.Tensor, ...],
+                      layers: list[int]) -> torch.Tensor:
+    """lm_head(norm(h_j)) of every window layer j of one step's hidden states: [window, batch, vocab], float32."""
+    return lm_head(norm(torch.stack([hidden[j] for j in layers]))).float()
+
+
+def candidate_tokens(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """The candidates of every row of `logits` [batch, vocab]: its `top_k` most likely tokens, kept while the
+    probability before them is below `top_p` (so the most likely token always stays). A bool mask like `logits`."""
+    probs = torch.softmax(logits.float(), -1)
+    top, index = probs.topk(min(top_k, probs.shape[-1]), -1)
+    keep = top.cumsum(-1) - top < top_p
+    return torch.zeros_like(probs, dtype=torch.bool).scatter(-1, index, keep)
+
+
+class DeCo(DecodingMethod):
+    """Dynamic correction with the most confident preceding layer (Wang et al., ICLR 2025, arXiv:2410.11779):
+    no extra forward; lm_head over the window per token."""
+
+    name = "deco"
+    Config = DeCoConfig
+    needs_hidden_states = True
+
+    def __init__(self, **settings) -> None:
+        super().__init__(**settings)
+        self._head: tuple | None = None  # (final norm, lm_head, window layers) while decoding
+
+    @contextmanager
+    def applied(self, vlm, batch) -> Iterator[None]:
+        c = self.config
+        self._head = (vlm.norm, vlm.lm_head, early_exit_window(vlm.n_layers, c.start_layer, c.end_layer, (20, 28),
+                                                               "deco"))
+        try:
+            yield
+        finally:
+            self._head = None
+
+    def step_logits(self, context):
+        c = self.config
+        real = context.logits[0]
+        allowed = candidate_tokens(real, c.top_k, c.top_p)
+        scores = real.float()
+        if c.alpha > 0:
+            norm, lm_head, layers = self._head
+            early = early_exit_logits(norm, lm_head, context.hidden[0], layers)
+            probs = torch.softmax(early, -1).masked_fill(~allowed, -1.0)  # [window, batch, vocab]
+            conf, flat = probs.transpose(0, 1).flatten(1).max(-1)  # per row, over (layer, candidate)
+            anchor = early[flat // early.shape[-1], torch.arange(real.shape[0], device=real.device)]
+            scores = scores + c.alpha * conf[:, None] * anchor
+        return scores.masked_fill(~allowed, float("-inf"))
