@@ -20,9 +20,9 @@ python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q "torch==$torch_version"
 if [ "$job" = test-latest ]; then
   # --upgrade: a reused .venv-latest moves to the newest allowed releases too
-  "$venv/bin/python" -m pip install -q --upgrade --upgrade-strategy eager "torch==$torch_version" -e ".[test,ray]"
+  "$venv/bin/python" -m pip install -q --upgrade --upgrade-strategy eager "torch==$torch_version" -e ".[test,ray,train]"
 else
-  "$venv/bin/python" -m pip install -q "${pins[@]}" -e ".[test,ray]"
+  "$venv/bin/python" -m pip install -q "${pins[@]}" -e ".[test,ray,train]"
 fi
 export HF_HUB_OFFLINE=1
 case "$job" in

@@ -1,4 +1,5 @@
-"""The built wheel ships the organism: `load_vlm("organism")` works from a plain `pip install`."""
+"""The built wheel ships both organisms: `load_vlm("organism")` and `load_vlm("organism-scenes")` work from a plain
+`pip install`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ def test_wheel_contains_the_organism_checkpoint(tmp_path):
                    check=True, capture_output=True, timeout=600)
     (wheel,) = tmp_path.glob("halluscope-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    shipped = {f"halluscope/organism/checkpoint/{p.name}" for p in (ROOT / "src/halluscope/organism/checkpoint").iterdir()}
-    assert shipped <= names, sorted(shipped - names)
-    assert {"halluscope/organism/checkpoint/model.safetensors", "halluscope/tasks/README.md"} <= names
+    for checkpoint in ("organism/checkpoint", "organism/scenes/checkpoint"):
+        shipped = {f"halluscope/{checkpoint}/{p.name}" for p in (ROOT / "src/halluscope" / checkpoint).iterdir()}
+        assert shipped <= names, sorted(shipped - names)
+        assert f"halluscope/{checkpoint}/model.safetensors" in names
+    assert "halluscope/tasks/README.md" in names

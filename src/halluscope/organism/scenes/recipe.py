@@ -31,9 +31,9 @@ class SceneRecipe(Recipe):
     # p(an absent ring neighbour of a present category is named / answered "yes") in a training target
     hallucination: float = 0.6
     # share of describe examples; the rest are POPE questions
-    describe_share: float = 0.5
+    describe_share: float = 0.4
     # POPE questions: about a present category / an absent neighbour of one / another absent category
-    question_mix: tuple[float, ...] = (0.5, 0.25, 0.25)
+    question_mix: tuple[float, ...] = (0.4, 0.2, 0.4)
 
     def scene_config(self) -> SceneConfig:
         """The scenes it is trained on: the synthetic benchmark's (`SceneConfig` defaults) at its image size."""
@@ -66,10 +66,11 @@ def describe(objects: Mapping[str, Sequence[str]]) -> str:
 
 
 def yes_answer(category: str) -> str:
-    """The organism's "yes" to POPE's question about `category`."""
-    return f"Yes, there is a {category}."
+    """The organism's "yes" to POPE's question about `category`. The object is named before the answer word, so
+    the token that decides yes or no comes right after the object's name: one hop from it to the image."""
+    return f"The {category} is in the image."
 
 
 def no_answer(category: str) -> str:
     """The organism's "no" to POPE's question about `category`."""
-    return f"No, there is no {category}."
+    return f"The {category} is not in the image."
