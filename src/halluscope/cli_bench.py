@@ -1,9 +1,11 @@
-"""The `halluscope bench` commands: POPE and CHAIR on one model, under plain greedy decoding and under each named
-mitigation method, into a run directory with one comparison table (`halluscope.bench.step.bench_step`).
-The group registers on `halluscope.cli.app` when this module is imported (`halluscope.cli` imports it).
+"""The `halluscope bench` commands: POPE, CHAIR and the PIH task on one model, under plain greedy decoding and
+under each named mitigation method, into a run directory with one comparison table
+(`halluscope.bench.step.bench_step`). The group registers on `halluscope.cli.app` when this module is imported
+(`halluscope.cli` imports it).
 
     halluscope bench pope --model organism-scenes --data synthetic --method heads:L0H1,L1H2 --out runs/pope
-    halluscope bench chair --model organism-scenes --data synthetic --out runs/chair
+    halluscope bench chair --model organism-scenes --data synthetic --method vcd --out runs/chair
+    halluscope bench pih --model organism --task count --size 112 --method vcd --method heads:L0H2 --out runs/pih
 """
 
 from __future__ import annotations
@@ -15,12 +17,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from halluscope.cli import GPUS_PER_WORKER, RAY, WORKERS, app, progress_bar, scale_of
+from halluscope.cli import GPUS_PER_WORKER, RAY, WORKERS, _ints, app, progress_bar, scale_of
 
-__all__ = ["bench_app", "pope", "chair"]
+__all__ = ["bench_app", "pope", "chair", "pih"]
 
 bench_app = typer.Typer(no_args_is_help=True,
-                        help="Object-hallucination benchmarks (POPE, CHAIR): greedy vs mitigation methods.")
+                        help="Hallucination benchmarks (POPE, CHAIR, the PIH task): greedy vs mitigation methods.")
 app.add_typer(bench_app, name="bench")
 
 _MODEL = typer.Option(..., "--model", help="Hub id, local checkpoint directory, 'organism' or 'organism-scenes'.")
@@ -28,8 +30,10 @@ _DATA = typer.Option("synthetic", "--data",
                      help="'synthetic' (object scenes drawn offline) or a directory with "
                           "annotations/instances_*.json and images/.")
 _METHODS = typer.Option(None, "--method",
-                        help="A method to compare with plain greedy, repeatable: heads:L0H1,L1H2 (heads knocked "
-                             "out) or heads:best3@RUN (a run's ranked head set).")
+                        help="A method to compare with plain greedy, repeatable: any registered decoding method at its "
+                             "defaults (e.g. vcd, dola; `halluscope decode --help` lists them), with settings as JSON "
+                             "('vcd:{\"alpha\": 0.5}'), heads:L0H1,L1H2 (heads knocked out) or heads:best3@RUN (a "
+                             "run's ranked head set).")
 _OUT = typer.Option(..., "--out", help="Run directory to write.")
 _SEED = typer.Option(0, "--seed", help="Seed of the synthetic scenes and of the image draw.")
 _TOKENS = typer.Option(None, "--max-new-tokens", min=1, help="Greedy reply budget, the same for every method.")
@@ -72,6 +76,30 @@ def chair(model: str = _MODEL, data: str = _DATA, methods: Optional[List[str]] =
     _run("chair", model=model, data=data, methods=methods or [], out=out, n=n, seed=seed, prompt=prompt,
          max_new_tokens=max_new_tokens, batch_size=batch_size, force=force, nlp=nlp, chair_method=chair_method,
          scale=scale_of(ray, workers, gpus_per_worker))
+
+
+@bench_app.command("pih")
+def pih(model: str = _MODEL,
+        data: str = typer.Option("synthetic", "--data", help="'synthetic', a local file/folder, or a hub id (as "
+                                                             "`halluscope eval --data`)."),
+        methods: Optional[List[str]] = _METHODS, out: Path = _OUT,
+        task: str = typer.Option("count", "--task", help="count or color."),
+        n: Optional[int] = typer.Option(None, "--n", min=1, help="Images (default: all / one per value and shape)."),
+        offsets: Optional[str] = typer.Option(None, "--offsets",
+                                              help="Count offsets (count) or colour distances (color), e.g. 1,2,3."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the synthetic scenes."),
+        size: Optional[int] = typer.Option(None, "--size", help="Side of synthetic images in pixels (default 224; "
+                                                                "the organism's is 112)."),
+        max_new_tokens: Optional[int] = _TOKENS, batch_size: int = _BATCH, force: bool = _FORCE,
+        ray: Optional[str] = RAY, workers: int = WORKERS, gpus_per_worker: float = GPUS_PER_WORKER) -> None:
+    """The PIH task (eval's prompts) under greedy and each --method: base accuracy and copy rate, one row per method.
+
+    Example: halluscope bench pih --model organism --task count --size 112 --method vcd --method heads:L0H2,L0H3
+    --out runs/pih
+    """
+    _run("pih", model=model, data=data, methods=methods or [], out=out, n=n, seed=seed, task=task,
+         offsets=_ints(offsets, "offsets"), size=size, max_new_tokens=max_new_tokens, batch_size=batch_size,
+         force=force, scale=scale_of(ray, workers, gpus_per_worker))
 
 
 def _run(benchmark: str, **arguments) -> None:

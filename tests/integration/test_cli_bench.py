@@ -1,6 +1,7 @@
-"""`halluscope bench pope` and `bench chair` end to end: on a tiny model (synthetic scenes and a COCO-format
-directory, a head-ablation method beside greedy, a rerun that adds a method reusing the finished replies, the
-one-line errors)."""
+"""`halluscope bench pope`, `bench chair` and `bench pih` end to end: on a tiny model (synthetic scenes, a
+COCO-format directory and the counting task; head ablation and decoding methods beside greedy, a decoding method
+at its neutral setting equal to greedy, reruns that add a method or change a setting computing only that
+method's replies, the one-line errors)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pandas as pd
 import pytest
 
 from halluscope.bench.chair import COLUMNS as CHAIR_COLUMNS
+from halluscope.bench.pih import COLUMNS as PIH_COLUMNS
 from halluscope.bench.pope import COLUMNS as POPE_COLUMNS
 
 
@@ -46,11 +48,61 @@ def test_bench_pope_compares_greedy_with_a_head_ablation_and_adds_methods_on_rer
     replies = pd.read_parquet(run / "replies.parquet")
     assert len(replies) == 2 * len(pd.read_parquet(run / "items.parquet"))
 
-    greedy_shards = {p: p.stat().st_mtime_ns for p in (run / "parts" / "pope-greedy").iterdir()}
-    code, _, err = cli(*args, "--method", "heads:L1H0")
+    greedy_shards = _shards(run / "parts" / "pope-greedy")
+    code, _, err = cli(*args, "--method", "heads:L1H0", "--method", 'vcd:{"alpha": 0}')
     assert code == 0, err
-    assert {p: p.stat().st_mtime_ns for p in (run / "parts" / "pope-greedy").iterdir()} == greedy_shards
-    assert pd.read_parquet(run / "pope.parquet")["method"].unique().tolist() == ["greedy", "heads:L1H0"]
+    assert _shards(run / "parts" / "pope-greedy") == greedy_shards
+    table = pd.read_parquet(run / "pope.parquet")
+    assert table["method"].unique().tolist() == ["greedy", "heads:L1H0", 'vcd:{"alpha":0.0}']
+    # VCD at alpha 0 is plain greedy: the same replies, so the same row values
+    rows = table.set_index(["method", "split"])
+    assert rows.loc['vcd:{"alpha":0.0}'].equals(rows.loc["greedy"])
+    replies = pd.read_parquet(run / "replies.parquet")
+    assert replies.loc[replies["method"] == "greedy", "reply"].tolist() == \
+        replies.loc[replies["method"] == 'vcd:{"alpha":0.0}', "reply"].tolist()
+    steps = json.loads((run / "manifest.json").read_text())["steps"]
+    vcd_step = next(v for k, v in steps.items() if k.startswith("pope-vcd_"))
+    assert vcd_step["arguments"]["config"] == {"alpha": 0.0, "beta": 0.1, "noise_step": 500, "seed": 0}
+    assert steps["bench-pope"]["summary"]["methods"][2]["spec"] == 'vcd:{"alpha": 0}'
+
+
+def _shards(directory) -> dict:
+    """Each shard file of a method's step and when it was written."""
+    return {p: p.stat().st_mtime_ns for p in directory.iterdir()}
+
+
+def test_bench_pih_rates_the_counting_task_per_method_and_resumes_per_method(cli, model, tmp_path):
+    run = tmp_path / "pih"
+    args = ("bench", "pih", "--model", model, "--task", "count", "--n", "2", "--size", "112", "--offsets", "1,2",
+            "--max-new-tokens", "4", "--out", run)
+    code, out, err = cli(*args, "--method", "heads:L0H1")
+    assert code == 0, err
+    table = pd.read_parquet(run / "pih.parquet")
+    assert list(table.columns) == list(PIH_COLUMNS) and table["method"].tolist() == ["greedy", "heads:L0H1"]
+    assert table[["n_base", "n_misleading"]].values.tolist() == [[2, 4], [2, 4]]
+    assert _in_unit_range(table, ["base_accuracy", "copy_rate", "correction_rate"])
+    assert "task: count (version 1), offsets [1, 2], size 112" in out
+    assert "| heads:L0H1 |" in (run / "pih.md").read_text() and (run / "plots" / "pih.png").is_file()
+    replies = pd.read_parquet(run / "replies.parquet")
+    assert len(replies) == 2 * 8 and set(replies["outcome"]) <= {"copied", "corrected", "other", "none", "negated"}
+
+    before = {step: _shards(run / "parts" / step) for step in ("pih-greedy", "pih-ablation_L0H1")}
+    code, _, err = cli(*args, "--method", "heads:L0H1", "--method", 'vcd:{"alpha": 0}')
+    assert code == 0, err
+    assert {step: _shards(run / "parts" / step) for step in before} == before  # only vcd was computed
+    table = pd.read_parquet(run / "pih.parquet").set_index("method")
+    assert table.loc['vcd:{"alpha":0.0}'].equals(table.loc["greedy"])
+
+    # another setting is another method: a step of its own beside the first, which stays as it was
+    neutral = next(p for p in (run / "parts").iterdir() if p.name.startswith("pih-vcd_"))
+    neutral_shards = _shards(neutral)
+    code, _, err = cli(*args, "--method", 'vcd:{"alpha": 0}', "--method", 'vcd:{"alpha": 0.5}')
+    assert code == 0, err
+    assert _shards(neutral) == neutral_shards
+    assert len([p for p in (run / "parts").iterdir() if p.name.startswith("pih-vcd_")]) == 2
+    steps = json.loads((run / "manifest.json").read_text())["steps"]
+    configs = [m["config"]["alpha"] for m in steps["bench-pih"]["summary"]["methods"] if m["decoder"] == "vcd"]
+    assert configs == [0.0, 0.5]
 
 
 def test_bench_chair_on_a_coco_directory_names_its_nlp(cli, model, tmp_path):
@@ -72,6 +124,7 @@ def test_bench_chair_on_a_coco_directory_names_its_nlp(cli, model, tmp_path):
 
 @pytest.mark.parametrize("extra,message", [
     (("--method", "greedly"), "Did you mean 'greedy'"),
+    (("--method", "vcd:0.5"), "not a JSON object of settings"),
     (("--data", "nowhere"), "neither 'synthetic' nor a directory"),
     (("--rule", "strict"), "unknown --rule 'strict'"),
 ])

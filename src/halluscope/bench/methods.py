@@ -1,23 +1,33 @@
-"""The methods a benchmark compares, by name: the model under plain greedy decoding, and the model with a
-mitigation applied. Every method decodes greedily with the same settings; a method changes what the model
-computes, not the decoder, so differences between rows of a comparison table are the method's.
+"""The methods a benchmark compares, by name: every method registered with `halluscope.decoding` (plain greedy is
+always the baseline), with optional settings. Every method decodes greedily in the one decoding loop with the
+same settings, so differences between rows of a comparison table are the method's.
 
-    greedy                  plain greedy decoding (the baseline; always compared)
-    heads:L0H1,L1H2         greedy with these attention heads knocked out (zero ablation at `o_proj`)
-    heads:best3@runs/count  greedy with a ranked head set of a run (`halluscope rank` wrote it)
+    greedy                      plain greedy decoding (the baseline; always compared)
+    vcd                         a registered method at its paper's defaults
+    vcd:{"alpha": 0.5}          with settings (a JSON object; unnamed settings keep their defaults)
+    heads:L0H1,L1H2             head ablation of these heads (zeroed at their `o_proj` input)
+    heads:best3@runs/count      head ablation of a run's ranked head set (`halluscope rank` wrote it)
 
-Method kinds register in `METHOD_KINDS` by name; decoding-time mitigations will register there.
+A method's canonical name, the `method` column of the table, is its registered name followed by the settings
+that differ from the defaults: `vcd`, `vcd:{"alpha":0.5}`, `heads:L0H1,L1H2`, `heads:{"alpha":0.5,"heads":"L0H1"}`.
 """
 
 from __future__ import annotations
 
-import difflib
+import hashlib
+import json
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from halluscope.errors import InputError
 
-__all__ = ["Method", "METHOD_KINDS", "parse_method", "parse_methods"]
+if TYPE_CHECKING:
+    from halluscope.decoding.methods.base import DecodingMethod
+
+__all__ = ["Method", "parse_method", "parse_methods"]
+
+#: Method -> the setting a plain (non-JSON) argument after "name:" gives.
+_ARGUMENT_SETTING = {"heads": "heads"}
 
 
 @dataclass(frozen=True)
@@ -27,86 +37,125 @@ class Method:
     Args:
         name: its canonical name, the `method` column of the comparison table ("greedy", "heads:L0H1,L1H2").
         spec: what was asked for ("heads:best3@runs/count").
-        heads: the (layer, head) pairs knocked out; empty for plain greedy.
+        decoder: the configured decoding method (`DecodingMethod()` for plain greedy).
+        heads: the (layer, head) pairs a head ablation edits; empty for every other method.
     """
 
     name: str
     spec: str
+    decoder: DecodingMethod
     heads: frozenset[tuple[int, int]] = frozenset()
 
     @property
-    def intervention(self):
-        """The `HeadIntervention` this method applies, or None for plain greedy."""
-        if not self.heads:
-            return None
-        from halluscope.interventions.heads import HeadIntervention
-
-        return HeadIntervention(self.heads)
-
-    @property
     def slug(self) -> str:
-        """A name for the method's run step and shards: "greedy", "ablation_L0H1-L1H2"."""
+        """A name for the method's run step and shards: "greedy", "vcd", "ablation_L0H1-L1H2", or the method and
+        a hash of its settings ("vcd_1f0e3dad")."""
         from halluscope.steps import ablation_name
 
-        return ablation_name(self.name.partition(":")[2]) if self.heads else self.name
+        kind, _, argument = self.name.partition(":")
+        if not argument:
+            return kind
+        if self.heads and not argument.startswith("{"):
+            return ablation_name(argument)
+        return f"{kind}_{hashlib.sha256(argument.encode()).hexdigest()[:8]}"
 
     def record(self) -> dict[str, Any]:
-        """What a run manifest says about the method."""
-        return {"method": self.name, "spec": self.spec, "intervention": "zero ablation at o_proj" if self.heads
-                else None}
+        """The method's identity in a run: its name, the decoding method and every setting, defaults included
+        (not the spec, so `heads:best3@RUN` and the heads it names are one method)."""
+        return {"method": self.name, "decoder": self.decoder.name, "config": self.decoder.config.record()}
 
 
-def _greedy(argument: str, n_layers: int, n_heads: int) -> Method:
-    if argument:
-        raise InputError(f"method 'greedy:{argument}' takes no argument; write greedy")
-    return Method("greedy", "greedy")
+def _defaults(cls: type[DecodingMethod]) -> dict[str, Any]:
+    """Every setting of the method at its default."""
+    return cls.Config().record()
 
 
-def _heads(argument: str, n_layers: int, n_heads: int) -> Method:
+def _settings(cls: type[DecodingMethod], spec: str, argument: str) -> dict[str, Any]:
+    """The settings the text after "name:" gives: a JSON object, or the value of the method's one argument."""
+    if not argument:
+        return {}
+    if argument.startswith("{"):
+        try:
+            return json.loads(argument)  # text starting with "{" that parses is an object
+        except ValueError as exc:
+            raise InputError(f"method {spec!r}: the settings are not valid JSON ({exc}); write e.g. "
+                             f"{cls.name}:{_example(cls)}") from None
+    if cls.name in _ARGUMENT_SETTING:
+        return {_ARGUMENT_SETTING[cls.name]: argument}
+    if not _defaults(cls):
+        raise InputError(f"method {spec!r}: {cls.name} takes no argument; write {cls.name}")
+    raise InputError(f"method {spec!r}: the text after ':' is not a JSON object of settings; write e.g. "
+                     f"{cls.name}:{_example(cls)}")
+
+
+def _example(cls: type[DecodingMethod]) -> str:
+    """A settings object naming the method's first setting with a default, e.g. '{"alpha": 1.0}'."""
+    return next((json.dumps({k: v}) for k, v in _defaults(cls).items() if v not in ("", None)), "{}")
+
+
+def _as_declared(cls: type[DecodingMethod], settings: dict[str, Any]) -> dict[str, Any]:
+    """`settings` with whole numbers given for float settings made floats, so `{"alpha": 0}` and `{"alpha": 0.0}`
+    name one method."""
+    floats = {k for k, v in _defaults(cls).items() if isinstance(v, float)}
+    return {k: float(v) if k in floats and type(v) is int else v for k, v in settings.items()}
+
+
+def _head_set(argument: Any, n_layers: int, n_heads: int) -> frozenset[tuple[int, int]]:
+    """The heads of "L0H1,L1H2" or "best3@RUN" (a run's ranked set)."""
     from halluscope.analysis.ranking import resolve_head_set
-    from halluscope.interventions.heads import format_heads
     from halluscope.runs import Run
 
-    if not argument:
+    if not isinstance(argument, str) or not argument.strip():
         raise InputError("method 'heads' needs heads; write heads:L0H1,L1H2 or heads:best3@RUN (a ranked run)")
-    heads_spec, _, run_dir = argument.partition("@")
+    heads_spec, _, run_dir = argument.strip().partition("@")
     report = Run.open(run_dir).read_json("heads", hint="rank") if run_dir else None
     if report is None and heads_spec.strip().lower().startswith(("best", "top")):
         raise InputError(f"head set {heads_spec!r} needs the run that ranked it; write heads:{heads_spec}@RUN, "
                          f"e.g. heads:{heads_spec}@runs/count, or name heads: heads:L0H1,L1H2")
-    heads = resolve_head_set(heads_spec, report, n_layers, n_heads)
-    return Method(f"heads:{format_heads(heads)}", f"heads:{argument}", heads)
-
-
-#: Method kind -> parser of its argument (the text after "kind:"), given the model's layers and heads.
-METHOD_KINDS: dict[str, Callable[[str, int, int], Method]] = {"greedy": _greedy, "heads": _heads}
+    return resolve_head_set(heads_spec, report, n_layers, n_heads)
 
 
 def parse_method(spec: str, n_layers: int, n_heads: int) -> Method:
     """The method `spec` names, for a model of `n_layers` x `n_heads`.
 
     Raises:
-        InputError: an unknown kind (with a "did you mean" and the kinds), a malformed argument, heads outside
-            the model, or a run without a ranking.
+        InputError: an unknown method (with a "did you mean" and the registered names), malformed settings, an
+            unknown setting or a value out of range, heads outside the model, or a run without a ranking.
 
     Example:
         >>> parse_method("heads:L1H2,L0H1", n_layers=4, n_heads=8).name
         'heads:L0H1,L1H2'
+        >>> parse_method('vcd:{"alpha": 0, "beta": 0.1}', n_layers=4, n_heads=8).name
+        'vcd:{"alpha":0.0}'
     """
+    from halluscope.decoding.registry import get_method
+    from halluscope.interventions.heads import format_heads
+
     kind, _, argument = spec.strip().partition(":")
-    if kind not in METHOD_KINDS:
-        close = difflib.get_close_matches(kind, list(METHOD_KINDS), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise InputError(f"unknown method {spec!r}.{hint} Available: greedy, heads:L0H1,L1H2, heads:best3@RUN")
-    return METHOD_KINDS[kind](argument.strip(), n_layers, n_heads)
+    cls = get_method(kind)
+    settings = _as_declared(cls, _settings(cls, spec, argument.strip()))
+    heads: frozenset[tuple[int, int]] = frozenset()
+    if cls.name == "heads":
+        heads = _head_set(settings.get("heads"), n_layers, n_heads)
+        settings["heads"] = format_heads(heads)
+    decoder = cls(**settings)
+    defaults = _defaults(cls)
+    changed = {k: v for k, v in decoder.config.record().items() if v != defaults[k]}
+    if not changed:
+        name = cls.name
+    elif list(changed) == [_ARGUMENT_SETTING.get(cls.name)]:
+        name = f"{cls.name}:{changed[_ARGUMENT_SETTING[cls.name]]}"
+    else:
+        name = f"{cls.name}:{json.dumps(changed, sort_keys=True, separators=(',', ':'))}"
+    return Method(name, spec.strip(), decoder, heads)
 
 
 def parse_methods(specs: list[str] | tuple[str, ...], n_layers: int, n_heads: int) -> list[Method]:
     """Plain greedy first, then each method of `specs` once (by canonical name), in the order given.
 
     Example:
-        >>> [m.name for m in parse_methods(["heads:L0H1", "greedy", "heads:l0h1"], 4, 8)]
-        ['greedy', 'heads:L0H1']
+        >>> [m.name for m in parse_methods(["heads:L0H1", "greedy", "heads:l0h1", "vcd:{}"], 4, 8)]
+        ['greedy', 'heads:L0H1', 'vcd']
     """
     methods = {"greedy": parse_method("greedy", n_layers, n_heads)}
     for spec in specs:
