@@ -1,7 +1,7 @@
 """`halluscope bench pope`, `bench chair` and `bench pih` end to end: on a tiny model (synthetic scenes, a
 COCO-format directory and the counting task; head ablation and decoding methods beside greedy, a decoding method
 at its neutral setting equal to greedy, reruns that add a method or change a setting computing only that
-method's replies, the one-line errors)."""
+method's replies, the one-line errors), and pope and chair on the shipped scenes organism."""
 
 from __future__ import annotations
 
@@ -132,6 +132,17 @@ def test_bench_errors_are_one_line_and_write_nothing(cli, model, tmp_path, extra
     code, _, err = cli("bench", "pope", "--model", model, "--n", "2", "--out", tmp_path / "run", *extra)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run" / "items.parquet").exists()
+
+
+@pytest.mark.parametrize("benchmark", ["pope", "chair"])
+def test_bench_runs_offline_on_the_scenes_organism(cli, tmp_path, benchmark):
+    code, _, err = cli("bench", benchmark, "--model", "organism-scenes", "--n", "4", "--out", tmp_path / "run")
+    assert code == 0, err
+    table = pd.read_parquet(tmp_path / "run" / f"{benchmark}.parquet")
+    columns = POPE_COLUMNS if benchmark == "pope" else CHAIR_COLUMNS
+    assert list(table.columns) == list(columns) and set(table["method"]) == {"greedy"}
+    assert _in_unit_range(table, [c for c in columns if c not in ("method", "split", "length")])
+    assert len(table) == (3 if benchmark == "pope" else 1)
 
 
 def test_organism_train_names_an_unknown_kind_before_writing(cli, tmp_path):
