@@ -12,8 +12,10 @@ generated positions of all rows (both decoders run every row until every row has
 
 Targets: methods with a second branch (VCD, M3ID, ICD, RITUAL, PAI) >= 0.75x, since their branch runs as extra
 rows of the same forward; methods with no extra forward per token (DoLa, VAF, heads, DeCo; VHR and VISTA, whose
-two prefills per call for their per-prompt scores count against them at short replies) >= 0.9x. The last lines
-give one ratio per method, the lower of the two models': `decode <method> <ratio>x`.
+two prefills per call for their per-prompt scores count against them at short replies) >= 0.9x. OPERA is a search
+method, not a rescoring of greedy decoding (5 beams, one look-ahead forward per candidate, and rows searched one
+at a time while it may roll back), so it has no ratio target: its line shows what the search costs. The last
+lines give one ratio per method, the lower of the two models': `decode <method> <ratio>x`.
 
 If MitigV (PyPI `mitigv`) is importable, its VCD runs in the same repetitions on the models it supports (LLaVA
 here), over the same prompts one call each (its API takes one prompt and returns text only, so its tokens are
@@ -41,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sweep import build_checkpoint as build_qwen  # noqa: E402  (the 70M Qwen2-VL of the sweep benchmark)
 
 TARGETS = {"vcd": 0.75, "m3id": 0.75, "icd": 0.75, "ritual": 0.75, "pai": 0.75, "dola": 0.9, "vaf": 0.9,
-           "heads": 0.9, "vhr": 0.9, "vista": 0.9, "deco": 0.9}
+           "heads": 0.9, "vhr": 0.9, "vista": 0.9, "deco": 0.9}  # none for OPERA, a search method (see above)
 SETTINGS = {"heads": {"heads": "L0H1,L1H2"}}  # the others at their defaults
 
 

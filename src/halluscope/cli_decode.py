@@ -30,14 +30,21 @@ def decode(model: str = typer.Option(..., "--model", help="Hub id, local checkpo
            sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
            temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (with --sample)."),
            top_p: float = typer.Option(1.0, "--top-p", help="Nucleus mass (with --sample)."),
-           seed: int = typer.Option(0, "--seed", help="Seed of the sampler (with --sample).")) -> None:
-    """Decode replies under a mitigation method (greedy unless --sample); prints image, prompt and reply per line.
+           seed: int = typer.Option(0, "--seed", help="Seed of the sampler (with --sample)."),
+           num_beams: Optional[int] = typer.Option(
+               None, "--num-beams", min=1, help="Beam search with this many beams (OPERA: its own setting, 5 unless "
+                                                "given).")) -> None:
+    """Decode replies under a mitigation method (greedy unless --sample or --num-beams); prints image, prompt and
+    reply per line.
 
     Example: halluscope decode --model organism --method vcd --method-config '{"alpha": 1.0}' --image dogs.png
     --prompt "How many dogs are there?"
+
+    Example: halluscope decode --model organism --num-beams 5 --image dogs.png --prompt "Describe the image."
     """
-    from halluscope.decoding import Sampler, method_from_options
+    from halluscope.decoding import Sampler, build_method, method_from_options
     from halluscope.decoding import decode as decode_replies
+    from halluscope.decoding.api import place_beams
     from halluscope.errors import InputError
     from halluscope.steps import load_model
 
@@ -49,11 +56,14 @@ def decode(model: str = typer.Option(..., "--model", help="Hub id, local checkpo
             raise InputError(f"--image {str(image)!r} does not exist; pass an image file")
     chosen = method_from_options(method, method_config)  # None: plain greedy
     sampler = Sampler(do_sample=sample, temperature=temperature, top_p=top_p, seed=seed)
+    chosen, sampler = place_beams(chosen or build_method("greedy"), sampler, num_beams)
     vlm = load_model(model)
     sources = images * len(prompts) if len(images) == 1 else images
     pairs = [(str(image), prompt) for image, prompt in zip(sources, prompts)]
-    replies = decode_replies(vlm, pairs, method=chosen or "greedy", max_new_tokens=max_new_tokens, sampler=sampler)
-    label = "greedy" if chosen is None else f"{chosen.name} {json.dumps(chosen.config.record())}"
-    console.print(f"method: {label}; {'sampling' if sample else 'greedy decoding'}", highlight=False, soft_wrap=True)
+    replies = decode_replies(vlm, pairs, method=chosen, max_new_tokens=max_new_tokens, sampler=sampler)
+    label = "greedy" if chosen.name == "greedy" else f"{chosen.name} {json.dumps(chosen.config.record())}"
+    beams = chosen.num_beams or sampler.num_beams
+    decoder = "sampling" if sample else f"beam search, {beams} beams" if beams > 1 else "greedy decoding"
+    console.print(f"method: {label}; {decoder}", highlight=False, soft_wrap=True)
     for (image, prompt), reply in zip(pairs, replies):
         typer.echo(f"{image}\t{prompt}\t{reply}")

@@ -195,7 +195,7 @@ def eval_step(out: str | Path, *, model: str, task: str = "count", data: str = "
     arguments = {"model": model, "task": spec.name, "data": data, "n": n, "offsets": values, "seed": seed,
                  "batch_size": batch_size, "max_new_tokens": max_new_tokens, "object_column": object_column,
                  "name_objects": name_objects, "options": options,
-                 "decoding": "greedy" if decoder is None else dict(decoder.record(), strategy="greedy")}
+                 "decoding": "greedy" if decoder is None else dict(decoder.record(), strategy=decoder.strategy)}
     builder = dict(options, **({"object_column": object_column} if object_column else {}))
 
     def build(namer=None):

@@ -46,6 +46,15 @@ def test_decode_at_a_neutral_setting_prints_the_greedy_replies(cli, model, image
     assert greedy[0] == neutral[0] == 0 and greedy[1] == neutral[1]
 
 
+def test_decode_num_beams_runs_beam_search_and_sets_operas_own_beams(cli, model, image):
+    args = ("--model", model, "--image", image, "--prompt", "How many circles?", "--max-new-tokens", "6")
+    code, out, err = cli("decode", *args, "--num-beams", "3")
+    assert code == 0 and "greedy; beam search, 3 beams" in err, err
+    neutral = cli("decode", *args, "--num-beams", "3", "--method", "opera", "--method-config",
+                  '{"alpha": 0, "max_rollbacks": 0}')
+    assert neutral[0] == 0 and neutral[1] == out and '"num_beams": 3' in neutral[2]
+
+
 @pytest.mark.parametrize("args, message", [
     (("--method", "vdc"), "unknown decoding method 'vdc'. Did you mean 'vcd'?"),
     (("--method", "vcd", "--method-config", '{"alpha": -2}'), "vcd alpha=-2 is out of range; pass a number >= 0.0"),

@@ -29,7 +29,8 @@ def test_methods_are_canonical_and_greedy_comes_first():
         ["greedy", "heads:L0H1,L1H2"]
     method = parse_method("heads:L0H1", 2, 4)
     assert method.heads == {(0, 1)} and method.slug == "ablation_L0H1"
-    assert method.record() == {"method": "heads:L0H1", "decoder": "heads", "config": {"heads": "L0H1", "alpha": 0.0}}
+    assert method.record() == {"method": "heads:L0H1", "decoder": "heads", "config": {"heads": "L0H1", "alpha": 0.0},
+                               "strategy": "greedy"}
     assert parse_method("greedy", 2, 4).decoder.name == "greedy"
 
 

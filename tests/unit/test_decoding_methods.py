@@ -33,6 +33,7 @@ NEUTRAL = {
     "vhr": {"scale": 1.0},
     "vista": {"lam": 0.0, "alpha": 0.0},
     "deco": {"alpha": 0.0},
+    "opera": {"num_beams": 1, "alpha": 0.0, "max_rollbacks": 0},  # with beams: plain beam search, test_decoding_beam
 }
 
 
@@ -68,7 +69,12 @@ def test_a_taken_name_cannot_be_registered_twice():
         register_method(MethodSpec("mine", "somewhere:Mine", aliases=("clearsight",)))
 
 
-def test_a_target_that_is_not_a_method_is_refused():
+def test_a_target_that_is_not_a_method_is_refused(monkeypatch):
+    from halluscope.decoding import registry
+
+    # registered for this test only, so the registry other tests see keeps real methods alone
+    monkeypatch.setattr(registry, "_SPECS", dict(registry._SPECS))
+    monkeypatch.setattr(registry, "_ALIASES", dict(registry._ALIASES))
     register_method(MethodSpec("not-a-method", "halluscope.errors:InputError"), replace=True)
     with pytest.raises(InputError, match="not a DecodingMethod"):
         get_method("not-a-method")

@@ -62,7 +62,8 @@ class Method:
     def record(self) -> dict[str, Any]:
         """The method's identity in a run: its name, the decoding method and every setting, defaults included
         (not the spec, so `heads:best3@RUN` and the heads it names are one method)."""
-        return {"method": self.name, "decoder": self.decoder.name, "config": self.decoder.config.record()}
+        return {"method": self.name, "decoder": self.decoder.name, "config": self.decoder.config.record(),
+                "strategy": self.decoder.strategy}
 
 
 def _defaults(cls: type[DecodingMethod]) -> dict[str, Any]:

@@ -30,7 +30,8 @@ __all__ = ["BENCHMARKS", "DECODING", "bench_step", "markdown_table", "setting_li
 #: Benchmark name -> its module (items, scoring, setting lines and plot).
 BENCHMARKS = {"pope": "halluscope.bench.pope", "chair": "halluscope.bench.chair", "pih": "halluscope.bench.pih"}
 #: The decoding every method uses; only the methods' edits of the model and of its scores differ.
-DECODING = "greedy (do_sample=False, num_beams=1; the checkpoint's sampling settings ignored)"
+DECODING = ("greedy (do_sample=False, num_beams=1; the checkpoint's sampling settings ignored), except a method "
+            "that runs its own search (OPERA's beams: each method's strategy is in its record)")
 
 
 def _module(benchmark: str):

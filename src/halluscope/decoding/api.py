@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
@@ -15,7 +16,7 @@ from halluscope.decoding.registry import get_method
 from halluscope.errors import InputError
 from halluscope.models.vlm import Batch
 
-__all__ = ["build_method", "decode", "method_from_options", "mitigate"]
+__all__ = ["build_method", "decode", "method_from_options", "mitigate", "place_beams"]
 
 
 def build_method(method: str | DecodingMethod, **config: Any) -> DecodingMethod:
@@ -63,6 +64,23 @@ def method_from_options(name: str | None, config: str | Mapping[str, Any] | None
     return None if method.name == "greedy" else method
 
 
+def place_beams(method: DecodingMethod, sampler: Sampler | None,
+                num_beams: int | None) -> tuple[DecodingMethod, Sampler]:
+    """`num_beams` where it belongs: the setting of a method that runs its own beam search (OPERA), else the
+    sampler's; None leaves both as they are.
+
+    Example:
+        >>> place_beams(build_method("vcd"), None, 3)[1].num_beams
+        3
+    """
+    sampler = sampler or Sampler()
+    if num_beams is None:
+        return method, sampler
+    if method.num_beams is None:
+        return method, dataclasses.replace(sampler, num_beams=num_beams)
+    return type(method)(**{**method.config.record(), "num_beams": num_beams}), sampler
+
+
 @contextmanager
 def mitigate(vlm, method: str | DecodingMethod, *, sampler: Sampler | None = None,
              **config: Any) -> Iterator[DecodingMethod]:
@@ -96,13 +114,16 @@ def mitigate(vlm, method: str | DecodingMethod, *, sampler: Sampler | None = Non
 
 
 def decode(vlm, batch: Batch | Sequence[tuple[Any, str]], method: str | DecodingMethod = "greedy", *,
-           max_new_tokens: int = 50, sampler: Sampler | None = None, **config: Any) -> list[str]:
-    """Replies to a batch or to (image, prompt) pairs under `method` (configured by `config`).
+           max_new_tokens: int = 50, sampler: Sampler | None = None, num_beams: int | None = None,
+           **config: Any) -> list[str]:
+    """Replies to a batch or to (image, prompt) pairs under `method` (configured by `config`); `num_beams` runs
+    beam search (for OPERA it is the method's own setting, see `place_beams`).
 
     Example:
         >>> halluscope.decode(vlm, [("dogs.jpg", "How many dogs?")], method="m3id", lam=0.02)
+        >>> halluscope.decode(vlm, [("dogs.jpg", "Describe the image.")], num_beams=5)
     """
-    chosen = build_method(method, **config)
+    chosen, sampler = place_beams(build_method(method, **config), sampler, num_beams)
     if not isinstance(batch, Batch):
         pairs = list(batch)
         encoded = vlm.encode(pairs)

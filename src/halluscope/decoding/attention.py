@@ -1,11 +1,13 @@
-"""Edits of pre-softmax attention scores through transformers' attention-function interface.
+"""Edits of pre-softmax attention scores, and reads of attention probabilities, through transformers'
+attention-function interface.
 
-Methods such as PAI and ClearSight change how much the text attends to image tokens. halluscope registers one
-attention function, `halluscope_edit`, with `AttentionInterface` (and sdpa's mask builder under the same name
-with `AttentionMaskInterface`), and switches the language model's `_attn_implementation` to it inside
-`score_edit`. Layers the active edit does not name run transformers' own sdpa function unchanged (eager
-attention if the model was loaded with it); named layers compute softmax(q k^T * scale + mask) themselves, with
-the edit applied to the scores first.
+Methods such as PAI and ClearSight change how much the text attends to image tokens; OPERA reads the last
+layer's attention probabilities. halluscope registers one attention function, `halluscope_edit`, with
+`AttentionInterface` (and sdpa's mask builder under the same name with `AttentionMaskInterface`), and switches
+the language model's `_attn_implementation` to it inside `score_edit`. Layers the active edit does not name run
+transformers' own sdpa function unchanged (eager attention if the model was loaded with it); named layers compute
+softmax(q k^T * scale + mask) themselves, with the edit applied to the scores first and the probabilities shown
+to the observer.
 
 The decoding loop tells the edit which key columns hold image tokens before every forward (`set_columns`), in
 the cache's own column layout, so an edit never relies on hard-coded offsets.
@@ -28,14 +30,18 @@ ATTENTION_NAME = "halluscope_edit"
 
 #: (scores [batch, heads, queries, keys], image columns [batch, keys], system columns [batch, keys]) -> scores
 EditFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+#: (probabilities [batch, heads, queries, keys], float32) -> None
+ObserveFunction = Callable[[torch.Tensor], None]
 
 
 @dataclass(frozen=True)
 class ScoreEdit:
-    """An edit of the pre-softmax scores of the decoder layers in `layers`."""
+    """An edit of the pre-softmax scores of the decoder layers in `layers` (None: unchanged), and an observer
+    shown their attention probabilities."""
 
     layers: frozenset[int]
-    edit: EditFunction
+    edit: EditFunction | None
+    observe: ObserveFunction | None = None
 
 
 class _State:
@@ -62,7 +68,7 @@ def _causal(queries: int, keys: int, device: torch.device) -> torch.Tensor:
 def _edited_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                       **kwargs):
     """The model's own attention, except in the layers the active `ScoreEdit` names: there eager attention with
-    the edit applied to the scores."""
+    the edit applied to the scores, and the probabilities shown to its observer."""
     edit = _State.edit
     named = edit is not None and getattr(module, "layer_idx", None) in edit.layers and _State.image is not None
     if not named and _State.previous == "sdpa":
@@ -73,7 +79,7 @@ def _edited_attention(module, query, key, value, attention_mask, dropout: float 
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     scores = torch.matmul(query, key.transpose(2, 3)) * scale
     n_keys = key.shape[2]
-    if named:
+    if named and edit.edit is not None:
         scores = edit.edit(scores, _State.image[:, :n_keys], _State.system[:, :n_keys])
     if attention_mask is None:
         allowed = _causal(query.shape[2], n_keys, query.device)
@@ -82,8 +88,10 @@ def _edited_attention(module, query, key, value, attention_mask, dropout: float 
     else:
         allowed = attention_mask[..., :n_keys] == 0
     scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores, -1, dtype=torch.float32).to(query.dtype)
-    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+    probs = torch.softmax(scores, -1, dtype=torch.float32)
+    if named and edit.observe is not None:
+        edit.observe(probs)
+    return torch.matmul(probs.to(query.dtype), value).transpose(1, 2).contiguous(), None
 
 
 def _register() -> None:

@@ -6,7 +6,9 @@ branch is a `Batch` with one row per real row, wrapped in the model's chat templ
 of all branches are prefilled (branches whose inputs have the same shapes in one forward), then packed into one
 left-padded cache (`Rows`), so every decoding step is one forward of (1 + branches) x batch rows, each with its
 own cache rows, attention mask and position ids. A no-image branch on an M-RoPE model (Qwen2-VL, Qwen2.5-VL)
-gets the text-only positions of its own input.
+gets the text-only positions of its own input. Beam search copies and reorders rows with their cache
+(`Rows.select`); a search that looks one token ahead or goes back (OPERA) feeds a token without keeping it
+(`Rows.peek`) or restarts the rows from the end of their prompts (`Rows.rewind`).
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from halluscope.decoding.attention import set_columns
 from halluscope.errors import InputError
 from halluscope.images import ImageLike
 from halluscope.models.compat import cache_argument, output_cache
 from halluscope.models.vlm import Batch
-from halluscope.sweep.cache import pack_caches
+from halluscope.sweep.cache import BufferedLayer, pack_caches
 
 __all__ = ["SourcedBatch", "Rows", "branch_batch", "encode_text", "join_batches", "prefill_positions",
            "uses_mrope"]
@@ -104,13 +108,37 @@ def _joinable_groups(batches: Sequence[Batch]) -> list[list[int]]:
     return list(groups.values())
 
 
+def _cache(layers: Sequence[DynamicLayer]) -> DynamicCache:
+    cache = DynamicCache()
+    cache.layers.extend(layers)
+    return cache
+
+
+class _Lookahead(DynamicLayer):
+    """A `BufferedLayer` read as it is, plus the positions of one more forward written into its spare buffer
+    columns without advancing it: the layer's next real update overwrites them."""
+
+    def __init__(self, layer: BufferedLayer) -> None:
+        super().__init__()
+        self.layer, self.dtype, self.device, self.is_initialized = layer, layer.dtype, layer.device, True
+        self.keys, self.values = layer.keys, layer.values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        start = self.layer.keys.shape[2]
+        end = start + key_states.shape[2]
+        for buffer, states in zip(self.layer.buffers, (key_states, value_states)):
+            buffer[:, :, start:end] = states
+        return tuple(buffer[:, :, :end] for buffer in self.layer.buffers)
+
+
 @dataclass
 class Rows:
     """Every row of every branch during decoding: one packed cache, its mask, each row's next position.
 
     Row `b * n + r` is row r of branch b (branch 0 is the real input). `image_columns` [rows, columns] marks the
     cache columns that hold image tokens and `prompt_start` [rows] the column of each row's first real token
-    (attention edits read them); both cover the decoded columns too (never image tokens).
+    (attention edits read them); both cover the decoded columns too (never image tokens). The first `width`
+    columns hold the prompts (left-padded); decoded tokens follow, one column per step.
     """
 
     cache: Any
@@ -119,6 +147,8 @@ class Rows:
     image_columns: torch.Tensor  # [rows, width + max_new_tokens]
     prompt_start: torch.Tensor  # [rows]
     n: int  # real rows per branch
+    prompt_position: torch.Tensor  # next_position right after the prefill, where `rewind` restarts
+    width: int  # prompt columns
 
     @classmethod
     @torch.inference_mode()
@@ -160,21 +190,62 @@ class Rows:
         image_columns = torch.zeros(len(per_row), width + max_new_tokens, dtype=torch.bool, device=vlm.device)
         for row, columns in enumerate(images):
             image_columns[row, width - len(columns):width] = columns
-        rows = cls(packed, mask, torch.stack(positions, -1) + 1, image_columns, width - mask.sum(1), n)
+        start = torch.stack(positions, -1) + 1
+        rows = cls(packed, mask, start, image_columns, width - mask.sum(1), n, start, width)
         hidden_states = tuple(torch.stack(states)[:, i] for i in range(states[0].shape[0])) if hidden else None
         return rows, torch.stack(logits), hidden_states
+
+    def index(self, local: torch.Tensor) -> torch.Tensor:
+        """The rows of every branch [branches * len(local)] for real-row indices `local` (same order per branch)."""
+        return torch.cat([local + b * self.n for b in range(self.mask.shape[0] // self.n)])
+
+    def select(self, local: torch.Tensor) -> "Rows":
+        """New rows made of real rows `local` [new n] (repeats copy a row) and the same rows of every branch, cache
+        included: beam search expands each row into its beams and reorders them after every step."""
+        rows = self.index(local.to(self.mask.device))
+        layers = []
+        for layer in self.cache.layers:
+            length = layer.keys.shape[2]
+            kept = [buffer.new_empty(len(rows), *buffer.shape[1:]) for buffer in layer.buffers]
+            for new, old in zip(kept, layer.buffers):
+                new[:, :, :length] = old[rows, :, :length]
+            layers.append(BufferedLayer(*kept, length))
+        return Rows(_cache(layers), self.mask[rows], self.next_position[..., rows], self.image_columns[rows],
+                    self.prompt_start[rows], len(local), self.prompt_position[..., rows], self.width)
 
     @torch.inference_mode()
     def step(self, vlm, tokens: torch.Tensor,
              hidden: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        """Feed one token per row [rows]; the next logits [rows, vocab] and, with `hidden`, every layer's
-        hidden state [rows, hidden_size] (the last one final-normed)."""
-        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], 1)
+        """Feed one token per row [rows] (or k per row, [rows, k]); the logits after the last one [rows, vocab] and,
+        with `hidden`, every layer's hidden state there [rows, hidden_size] (the last one final-normed)."""
+        tokens = tokens if tokens.dim() == 2 else tokens[:, None]
+        k = tokens.shape[1]
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], k)], 1)
         set_columns(self.image_columns[:, :self.mask.shape[1]], self.mask)
-        out = vlm.text_model(input_ids=tokens[:, None], attention_mask=self.mask,
-                             position_ids=self.next_position[..., None], use_cache=True,
+        positions = self.next_position[..., None] + torch.arange(k, device=tokens.device)
+        out = vlm.text_model(input_ids=tokens, attention_mask=self.mask, position_ids=positions, use_cache=True,
                              output_hidden_states=hidden, **{cache_argument(vlm.text_model): self.cache})
-        self.next_position = self.next_position + 1
+        self.next_position = self.next_position + k
         logits = vlm.lm_head(out.last_hidden_state[:, -1])
         states = tuple(h[:, -1] for h in out.hidden_states) if hidden else None
         return logits, states
+
+    @torch.inference_mode()
+    def peek(self, vlm, tokens: torch.Tensor) -> None:
+        """Run one token per row [rows] through the model without keeping it (the rows are left as they were):
+        what an attention observer sees is the attention those tokens would get if they were picked."""
+        mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], 1)
+        set_columns(self.image_columns[:, :mask.shape[1]], mask)
+        cache = _cache([_Lookahead(layer) for layer in self.cache.layers])
+        vlm.text_model(input_ids=tokens[:, None], attention_mask=mask, position_ids=self.next_position[..., None],
+                       use_cache=True, **{cache_argument(vlm.text_model): cache})
+
+    @torch.inference_mode()
+    def rewind(self, vlm, tokens: torch.Tensor,
+               hidden: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """Drop every decoded column and feed `tokens` [rows, k] after the prompts in one forward (as `step`): a
+        search that goes back rebuilds its beams' caches from their tokens. Each row keeps its prompt, so rows
+        reordered since the prefill must still be copies of their own real row's."""
+        self.cache = _cache([BufferedLayer(*layer.buffers, self.width) for layer in self.cache.layers])
+        self.mask, self.next_position = self.mask[:, :self.width], self.prompt_position
+        return self.step(vlm, tokens, hidden=hidden)

@@ -95,5 +95,6 @@ for _spec in (
     MethodSpec("vhr", f"{_M}.vhr:VHR", (), "heads most changed by removing the image amplified at o_proj"),
     MethodSpec("vista", f"{_M}.vista:VISTA", (), "visual steering vector in every layer, late-layer logits mixed in"),
     MethodSpec("deco", f"{_M}.deco:DeCo", (), "final-layer candidates rescored with the surest preceding layer"),
+    MethodSpec("opera", f"{_M}.opera:OPERA", (), "beam search with an over-trust penalty and rollbacks"),
 ):
     register_method(_spec)

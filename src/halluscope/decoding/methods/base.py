@@ -1,8 +1,10 @@
 """The base of every decoding method: a validated config dataclass and the hooks the decoding loop calls.
 
 A method says what it needs (`branches`: second inputs run as extra rows; `needs_hidden_states`; `applied`: edits
-to the model for the whole call) and how a step's scores come from them (`step_logits`). Plain decoding is the
-base class itself: no branches, no edits, the real rows' logits.
+to the model for the whole call) and how a step's scores come from them (`step_logits`). A method that runs its
+own beam search (OPERA) has a `num_beams` setting, follows the beams' reordering (`reorder`) and may send the
+search back to an earlier position (`rewinds`, `rewind`). Plain decoding is the base class itself: no branches,
+no edits, the real rows' logits.
 """
 
 from __future__ import annotations
@@ -111,6 +113,32 @@ class DecodingMethod:
     def step_logits(self, context: StepContext) -> torch.Tensor:
         """The scores [batch, vocab] the sampler picks from (-inf excludes a token)."""
         return context.logits[0]
+
+    @property
+    def num_beams(self) -> int | None:
+        """The beams of the method's own search: its `num_beams` setting if it has one, else None (the `Sampler`
+        decides)."""
+        return getattr(self.config, "num_beams", None)
+
+    @property
+    def strategy(self) -> str:
+        """How the method picks tokens, for manifests: "greedy", or its own beam search."""
+        beams = self.num_beams
+        return "greedy" if beams in (None, 1) else f"beam search ({beams} beams, the method's own)"
+
+    @property
+    def rewinds(self) -> bool:
+        """True if `rewind` may send the search back; the loop then keeps each step's beams and decodes one row at
+        a time."""
+        return False
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Beam search kept and reordered the rows: row i is now old row `index[i]` [rows]; per-row state follows."""
+
+    def rewind(self, context: StepContext) -> int | None:
+        """After `step_logits`: a reply position p (1 <= p < context.step) at which the search goes back and picks
+        again, or None to go on."""
+        return None
 
 
 def plausible(logits: torch.Tensor, scores: torch.Tensor, beta: float) -> torch.Tensor:

@@ -7,7 +7,7 @@ gives some candidate the highest probability; conf is that probability. Scores: 
 the candidates, -inf elsewhere. Paper settings (LLaVA-1.5, 32 layers): top_k 20, top_p 0.9, alpha 0.6, window
 20 to 28; here the window is hidden-state indices (0 the embeddings, as in DoLa), by default
 floor(20 L / 32)..floor(28 L / 32) of L layers, or the layers given. No extra forward; lm_head over the window
-per token. Neutral: alpha 0 (the candidate mask alone never removes the top token, so greedy picks are kept).
+per token. Neutral: alpha 0, plain decoding (no candidate mask either, so beam search is unchanged too).
 """
 
 from __future__ import annotations
@@ -90,13 +90,13 @@ class DeCo(DecodingMethod):
     def step_logits(self, context):
         c = self.config
         real = context.logits[0]
+        if c.alpha == 0:  # neutral: plain decoding, with no candidate mask either (it would change beam scores)
+            return real
         allowed = candidate_tokens(real, c.top_k, c.top_p)
-        scores = real.float()
-        if c.alpha > 0:
-            norm, lm_head, layers = self._head
-            early = early_exit_logits(norm, lm_head, context.hidden[0], layers)
-            probs = torch.softmax(early, -1).masked_fill(~allowed, -1.0)  # [window, batch, vocab]
-            conf, flat = probs.transpose(0, 1).flatten(1).max(-1)  # per row, over (layer, candidate)
-            anchor = early[flat // early.shape[-1], torch.arange(real.shape[0], device=real.device)]
-            scores = scores + c.alpha * conf[:, None] * anchor
+        norm, lm_head, layers = self._head
+        early = early_exit_logits(norm, lm_head, context.hidden[0], layers)
+        probs = torch.softmax(early, -1).masked_fill(~allowed, -1.0)  # [window, batch, vocab]
+        conf, flat = probs.transpose(0, 1).flatten(1).max(-1)  # per row, over (layer, candidate)
+        anchor = early[flat // early.shape[-1], torch.arange(real.shape[0], device=real.device)]
+        scores = real.float() + c.alpha * conf[:, None] * anchor
         return scores.masked_fill(~allowed, float("-inf"))
