@@ -270,8 +270,8 @@ GPUS_PER_WORKER = typer.Option(0.0, "--gpus-per-worker", min=0.0,
                                help="GPUs reserved for each Ray worker; 0 keeps them on the CPU (with --ray).")
 
 
-METHOD = typer.Option(None, "--method", help="Decode under a mitigation method (vcd, m3id, ritual, icd, pai, dola, "
-                                               "vaf, heads); `halluscope decode --help` lists them.")
+METHOD = typer.Option(None, "--method", help="Decode under a mitigation method (e.g. vcd, pai, vista, heads); "
+                                               "`halluscope decode --help` lists them all.")
 METHOD_CONFIG = typer.Option(None, "--method-config", help='The method\'s settings as a JSON object, e.g. \'{"alpha": 1.0}\'.')
 
 
@@ -611,6 +611,8 @@ def report(run_dir: Path = typer.Option(..., "--run", help="A run directory, fro
 from halluscope import cli_analysis  # noqa: E402,F401  (registers attention, attention-maps, probs, lens)
 from halluscope import cli_bench  # noqa: E402,F401  (registers the bench group: pope, chair)
 from halluscope import cli_decode  # noqa: E402,F401  (registers decode)
+from halluscope import cli_alea  # noqa: E402,F401  (registers the alea group: locate, edit)
+from halluscope import cli_apasi  # noqa: E402,F401  (registers the apasi group: data, train)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,220 @@
+"""`apasi_data_step`: APASI's preference pairs for one model, made from the model's own descriptions, into a
+resumable run directory (step "apasi-data"; its arguments are the run's identity).
+
+    RUN/images.parquet        image_id, image (PNG bytes of synthetic scenes, absolute paths of a directory's)
+    RUN/descriptions.parquet  item, image_id, prompt, description: the model's greedy descriptions (stage 1)
+    RUN/graph.json            object counts, co-occurrences, neighbours, phrasings and order (stage 2)
+    RUN/pairs.parquet         item, image_id, prompt, chosen, rejected, variant, guide_objects, n_sentences,
+                              replaced (stage 3: one pair per description that could be injected)
+    RUN/parts/apasi-describe/, parts/apasi-continue/   finished shards of the two model stages
+
+Stage 1 and the blind continuation of stage 3 are written in shards, so an interrupted run resumes where it
+stopped; stage 2 and the injection plans are recomputed (they are cheap and deterministic). Each description's
+injection draws from its own generator, seeded by the run's seed and the description's index.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import pandas as pd
+
+from halluscope.errors import InputError
+from halluscope.metrics.chair import CHAIR_PROMPT
+from halluscope.runs import Run, writer_lock
+from halluscope.steps import Progress, fill_parts, load_model, no_progress
+from halluscope.tasks.scenes import derive_seed
+from halluscope.training.apasi.continuation import CONTINUATION, complete_plans
+from halluscope.training.apasi.graph import Description, MentionReader, ObjectGraph, build_graph, read_description
+from halluscope.training.apasi.inject import DROP_REASONS, VARIANTS, Plan, plan_injection, surface_words
+from halluscope.training.apasi.sentences import join_sentences
+from halluscope.training.apasi.sources import load_images
+
+__all__ = ["DATA_STEP", "DESCRIPTION_DECODING", "PAIR_COLUMNS", "apasi_data_step", "check_data_options"]
+
+#: The run step that makes preference data (and the first step of a data run).
+DATA_STEP = "apasi-data"
+#: How the chosen descriptions are decoded.
+DESCRIPTION_DECODING = "greedy (do_sample=False, num_beams=1; the checkpoint's sampling settings ignored)"
+#: The columns of `pairs.parquet`.
+PAIR_COLUMNS = ("item", "image_id", "prompt", "chosen", "rejected", "variant", "guide_objects", "n_sentences",
+                "replaced")
+
+
+def check_data_options(*, variant: str, rate: float, top_k: int, objects: int, n: int, max_new_tokens: int,
+                       batch_size: int, prompt: str) -> None:
+    """InputError naming the first option that cannot be used (checked before anything loads or is written)."""
+    if variant not in VARIANTS:
+        raise InputError(f"unknown --variant {variant!r}; use one of {', '.join(VARIANTS)}")
+    if not 0.0 < rate < 1.0:
+        raise InputError(f"--rate {rate!r}; expected a fraction strictly between 0 and 1, e.g. 0.2")
+    for name, value in (("--top-k", top_k), ("--objects", objects), ("--n", n), ("--max-new-tokens", max_new_tokens),
+                        ("--batch-size", batch_size)):
+        if value < 1:
+            raise InputError(f"{name} {value}; expected a whole number >= 1")
+    if not prompt.strip():
+        raise InputError("--prompt is empty; pass the instruction the descriptions answer, e.g. 'Describe this "
+                         "image.'")
+
+
+def apasi_data_step(out: str | Path, *, model: str, images: str = "synthetic", n: int = 500, seed: int = 1,
+                    prompt: str | None = None, variant: str = "auto", rate: float = 0.2, top_k: int = 10,
+                    objects: int = 1, max_new_tokens: int = 64, nlp: str = "auto", batch_size: int = 16,
+                    force: bool = False, vlm=None, progress: Progress = no_progress) -> dict[str, Any]:
+    """Make APASI preference pairs for `model` from `n` images into run `out`.
+
+    Args:
+        images: "synthetic" or a directory of images (`sources.load_images`).
+        seed: the synthetic scenes, the directory's image draw and every injection draw. `bench` uses 0: keep
+            the training images apart from the benchmark's.
+        prompt: the instruction the descriptions answer (default CHAIR's, `metrics.chair.CHAIR_PROMPT`).
+        variant: "replace", "insert" or "auto" (`inject.plan_injection`).
+        rate: share of sentences replaced (replace variant). top_k: how many of a remaining object's most
+            co-occurring absent objects the guide object is drawn from. objects: objects per insertion.
+        max_new_tokens: length of the greedy descriptions.
+        nlp: CHAIR's NLP components for reading object mentions ("auto", "nltk", "offline").
+
+    Returns:
+        {"pairs": the pairs table, "graph": the ObjectGraph, "summary": what the run records, "run": the Run}.
+
+    Raises:
+        InputError: a bad option or image source, before anything is written.
+        RunError: `out` holds a different run (pass force=True to start over).
+    """
+    from halluscope.metrics.nlp import load_nlp
+
+    prompt = CHAIR_PROMPT if prompt is None else prompt
+    check_data_options(variant=variant, rate=rate, top_k=top_k, objects=objects, n=n,
+                       max_new_tokens=max_new_tokens, batch_size=batch_size, prompt=prompt)
+    source = load_images(images, n=n, seed=seed)
+    components = load_nlp(nlp)
+    vlm = vlm if vlm is not None else load_model(model)
+    began = time.time()
+    arguments = {"images": source.source, "n": n, "seed": seed, "prompt": prompt,
+                 "variant": variant, "rate": rate, "top_k": top_k, "objects": objects, "skip_sentences": 1,
+                 "max_new_tokens": max_new_tokens, "description_decoding": DESCRIPTION_DECODING,
+                 "continuation": CONTINUATION, "vocabulary": source.vocabulary.name, "chair_method": "opera",
+                 "nlp": nlp, "nlp_components": dict(components.names), "batch_size": batch_size}
+    with writer_lock(out, create=True):
+        run = Run.create(out, step=DATA_STEP, arguments=arguments, model=vlm.describe(), force=force)
+        if not run.has_table("images"):
+            run.write_table("images", source.table)
+        items = run.read_table("images")
+        descriptions = _describe(run, vlm, items, prompt, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                 force=force, progress=progress)
+        reader = MentionReader(source.vocabulary, components)
+        read = [read_description(text, reader) for text in descriptions["description"]]
+        graph = build_graph(read, source.vocabulary.name)
+        run.write_json("graph", graph.to_dict())
+        words = surface_words(source.vocabulary)
+        plans = [plan_injection(d, graph, words, random.Random(derive_seed(seed, "apasi-inject", item)),
+                                variant=variant, rate=rate, top_k=top_k, objects=objects)
+                 for item, d in enumerate(read)]
+        rejected = _rejected(run, vlm, plans, prompt, batch_size=batch_size, force=force, progress=progress)
+        pairs, dropped = _pairs(descriptions, read, plans, rejected, reader)
+        run.write_table("pairs", pairs)
+        summary = _summary(pairs, dropped, graph, n_images=len(items), seconds=time.time() - began)
+        if source.truth is not None and len(pairs):
+            summary["absent_mentions"] = _absent_mentions(pairs, source.truth, reader)
+        run.finish_step(DATA_STEP, summary)
+    return {"pairs": pairs, "graph": graph, "summary": summary, "run": run}
+
+
+def _describe(run: Run, vlm, items: pd.DataFrame, prompt: str, *, max_new_tokens: int, batch_size: int,
+              force: bool, progress: Progress) -> pd.DataFrame:
+    """Stage 1: the model's greedy description of every image (the chosen side), from finished shards plus the
+    rest; also written as `descriptions.parquet`."""
+    from halluscope.evaluation import iter_replies
+
+    step = "apasi-describe"
+    sub = Run.open(run.path)
+    sub.begin_step(step, {"prompt": prompt, "max_new_tokens": max_new_tokens, "batch_size": batch_size}, force=force)
+
+    def compute(vlm, rows: Sequence, start: int) -> Iterator[pd.DataFrame]:
+        for replies in iter_replies(vlm, list(rows), batch_size=batch_size, max_new_tokens=max_new_tokens):
+            yield pd.DataFrame({"item": range(start, start + len(replies)), "description": [r for r, _ in replies]})
+            start += len(replies)
+
+    pairs = [(image, prompt) for image in items["image"]]
+    table = fill_parts(sub.parts(step), pairs, compute, chunk=max(batch_size, 32), progress=progress,
+                       description="describe", vlm=vlm)
+    sub.finish_step(step, {"descriptions": len(table)})
+    table = table.assign(image_id=items["image_id"].to_numpy()[table["item"].to_numpy()], prompt=prompt)
+    table = table[["item", "image_id", "prompt", "description"]]
+    run.write_table("descriptions", table)
+    return table
+
+
+def _rejected(run: Run, vlm, plans: list[Plan | str], prompt: str, *, batch_size: int, force: bool,
+              progress: Progress) -> dict[int, str]:
+    """Stage 3's texts: item -> rejected text, the replace plans continued by the model (in shards), the insert
+    plans as they are."""
+    pending = [(item, plan) for item, plan in enumerate(plans) if isinstance(plan, Plan) and plan.pending]
+    texts = {item: join_sentences(plan.sentences) for item, plan in enumerate(plans)
+             if isinstance(plan, Plan) and not plan.pending}
+    step = "apasi-continue"
+    sub = Run.open(run.path)
+    sub.begin_step(step, {**CONTINUATION, "batch_size": batch_size}, force=force)
+
+    def compute(vlm, rows: Sequence, start: int) -> Iterator[pd.DataFrame]:
+        done = complete_plans(vlm, [prompt] * len(rows), [plan for _, plan in rows], batch_size=batch_size,
+                              max_new_tokens=CONTINUATION["max_new_tokens"],
+                              repetition_penalty=CONTINUATION["repetition_penalty"],
+                              min_new_tokens=CONTINUATION["min_new_tokens"])
+        yield pd.DataFrame({"item": [item for item, _ in rows], "rejected": done})
+
+    if pending:
+        table = fill_parts(sub.parts(step), pending, compute, chunk=max(batch_size, 32), progress=progress,
+                           description="continue", vlm=vlm)
+        texts.update(zip(table["item"].tolist(), table["rejected"].tolist()))
+    sub.finish_step(step, {"continued": len(pending)})
+    return texts
+
+
+def _pairs(descriptions: pd.DataFrame, read: list[Description], plans: list[Plan | str], rejected: dict[int, str],
+           reader: MentionReader) -> tuple[pd.DataFrame, Counter]:
+    """The pairs whose rejected text names every injected object and differs from the chosen one, and the
+    number of descriptions dropped per reason."""
+    rows, dropped = [], Counter()
+    for item, (row, plan) in enumerate(zip(descriptions.itertuples(index=False), plans)):
+        if not isinstance(plan, Plan):
+            dropped[plan] += 1
+            continue
+        text = rejected[item]
+        named = set(reader.objects(text))
+        if text == row.description.strip() or not set(plan.guides) <= named:
+            dropped["not_injected"] += 1
+            continue
+        rows.append({"item": item, "image_id": row.image_id, "prompt": row.prompt, "chosen": row.description,
+                     "rejected": text, "variant": plan.variant, "guide_objects": list(plan.guides),
+                     "n_sentences": len(read[item].sentences), "replaced": list(plan.pending)})
+    return pd.DataFrame(rows, columns=list(PAIR_COLUMNS)), dropped
+
+
+def _summary(pairs: pd.DataFrame, dropped: Counter, graph: ObjectGraph, *, n_images: int,
+             seconds: float) -> dict[str, Any]:
+    """What the run records about its pairs: counts by variant, drops by reason and the graph's size."""
+    return {"images": n_images, "pairs": len(pairs),
+            "variants": {str(k): int(v) for k, v in pairs["variant"].value_counts().items()},
+            "dropped": {DROP_REASONS[k]: int(v) for k, v in sorted(dropped.items())},
+            "graph": {"objects": len(graph.counts), "mean_objects_per_description": round(graph.mean_objects(), 3)},
+            "seconds": round(seconds, 1)}
+
+
+def _absent_mentions(pairs: pd.DataFrame, truth: dict[int, frozenset[str]], reader: MentionReader
+                     ) -> dict[str, float]:
+    """Where the images' objects are known: the share of object mentions on each side that name an object the
+    image does not hold (each side's CHAIR_i against the drawn objects)."""
+    shares = {}
+    for side in ("chosen", "rejected"):
+        mentions = absent = 0
+        for image_id, text in zip(pairs["image_id"], pairs[side]):
+            found = reader.objects(text)
+            mentions += len(found)
+            absent += sum(o not in truth[image_id] for o in found)
+        shares[side] = round(absent / mentions, 4) if mentions else float("nan")
+    return shares

@@ -1,0 +1,213 @@
+"""`halluscope apasi data` and `apasi train` end to end on a tiny Qwen2-VL: pairs from both variants, two DPO rounds
+through TRL and PEFT, a checkpoint that `load_vlm` opens and that generates, LoRA changes only the language model's
+linear layers, reruns resume without recomputing, and bad input fails in one line before anything is written.
+
+A random tiny model writes no sentences, so the fixture first teaches it (a few hundred plain fine-tuning steps) to
+describe four solid-colour images in two styles: one list sentence for CHAIR's prompt, three sentences for
+another prompt."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from halluscope.metrics.chair import CHAIR_PROMPT
+from halluscope.models import load_vlm
+from halluscope.tasks.object_scenes import SCENE_SYNONYMS
+from halluscope.training.apasi.data import PAIR_COLUMNS
+
+SENTENCES_PROMPT = "Describe each object."
+COLOURS = ((230, 20, 20), (20, 160, 20), (20, 20, 230), (240, 210, 0))
+LISTS = ("A red circle, two squares and a star.", "Two triangles and a green diamond.",
+         "A blue square, a star and two diamonds.", "A circle and two yellow triangles.")
+SENTENCES = ("There is a red circle. Two squares are next to it. A star is on the right.",
+             "Two triangles are at the top. A green diamond is below them. The background is white.",
+             "A blue square is in the middle. A star is near it. Two diamonds are at the bottom.",
+             "A circle is on the left. Two yellow triangles are on the right. Nothing else is there.")
+
+
+def _teach(vlm, steps: int = 400) -> None:
+    """Fine-tune every weight of `vlm` on the descriptions of the four images, one example per step."""
+    examples = []
+    for colour, listed, sentences in zip(COLOURS, LISTS, SENTENCES):
+        image = Image.new("RGB", (56, 56), colour)
+        for prompt, reply in ((CHAIR_PROMPT, listed), (SENTENCES_PROMPT, sentences)):
+            user = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+            full = vlm.tokenizer.apply_chat_template(
+                user + [{"role": "assistant", "content": [{"type": "text", "text": reply}]}],
+                chat_template=vlm.chat_template, tokenize=False)
+            inputs = vlm.processor(text=[full], images=[[image]], return_tensors="pt")
+            prompt_length = vlm.processor(text=[vlm.render(prompt)], images=[[image]],
+                                          return_tensors="pt")["input_ids"].shape[1]
+            labels = inputs["input_ids"].clone()
+            labels[:, :prompt_length] = -100
+            examples.append((dict(inputs), labels))
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(vlm.model.parameters(), lr=3e-3)
+    vlm.model.train()
+    for step in range(steps):
+        inputs, labels = examples[step % len(examples)]
+        loss = vlm.model(**inputs, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    vlm.model.eval()
+
+
+@pytest.fixture(scope="module")
+def taught(tmp_path_factory) -> Path:
+    """A tiny qwen2_vl taught to describe the four images."""
+    from halluscope.models.tiny import build_tiny
+
+    root = tmp_path_factory.mktemp("apasi-model")
+    vlm = load_vlm(build_tiny("qwen2_vl", root / "tiny"))
+    _teach(vlm)
+    vlm.model.save_pretrained(root / "taught")
+    vlm.processor.save_pretrained(root / "taught")
+    return root / "taught"
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """The four images in DIR/images, with the scenes' vocabulary in DIR/annotations."""
+    root = tmp_path_factory.mktemp("apasi-images")
+    (root / "images").mkdir()
+    (root / "annotations").mkdir()
+    for k, colour in enumerate(COLOURS):
+        Image.new("RGB", (56, 56), colour).save(root / "images" / f"{k}.png")
+    (root / "annotations" / "vocabulary_shapes.txt").write_text(
+        "".join(", ".join(words) + "\n" for words in SCENE_SYNONYMS.values()), encoding="utf-8")
+    return root
+
+
+def _data(cli, taught, images, out, *extra):
+    return cli("apasi", "data", "--model", taught, "--images", images, "--n", "4", "--max-new-tokens", "40",
+               "--out", out, *extra)
+
+
+def _linear_weights(model) -> dict[str, torch.Tensor]:
+    return {name: param.detach().clone() for name, param in model.named_parameters()}
+
+
+def test_apasi_data_and_train_end_to_end_and_rerun_resumes(cli, taught, images, tmp_path):
+    data = tmp_path / "data"
+    code, out, err = _data(cli, taught, images, data)
+    assert code == 0, err
+    pairs = pd.read_parquet(data / "pairs.parquet")
+    assert list(pairs.columns) == list(PAIR_COLUMNS) and len(pairs) >= 2
+    assert set(pairs["variant"]) == {"insert"} and "pairs, insert" in out
+    for row in pairs.itertuples():
+        assert row.rejected.count(",") + row.rejected.count(" and ") == row.chosen.count(",") + \
+            row.chosen.count(" and ") + 1  # one more list item, still "A, B and C."
+        assert not any(g in row.chosen for g in row.guide_objects)
+    graph = json.loads((data / "graph.json").read_text())
+    assert graph["vocabulary"] == "shapes" and graph["n_descriptions"] == 4
+    manifest = json.loads((data / "manifest.json").read_text())
+    arguments = manifest["steps"]["apasi-data"]["arguments"]
+    assert arguments["variant"] == "auto" and arguments["continuation"]["repetition_penalty"] == 1.1
+    assert manifest["steps"]["apasi-data"]["status"] == "finished"
+
+    shards = {p: p.stat().st_mtime_ns for p in (data / "parts" / "apasi-describe").iterdir()}
+    code, _, err = _data(cli, taught, images, data)
+    assert code == 0, err
+    assert {p: p.stat().st_mtime_ns for p in (data / "parts" / "apasi-describe").iterdir()} == shards
+    pd.testing.assert_frame_equal(pd.read_parquet(data / "pairs.parquet"), pairs)
+
+    ckpt = tmp_path / "ckpt"
+    train = ("apasi", "train", "--model", taught, "--data", data, "--out", ckpt, "--rounds", "2", "--epochs", "1",
+             "--batch-size", "2", "--lr", "5e-4")
+    code, out, err = cli(*train)
+    assert code == 0, err
+    rounds = pd.read_parquet(ckpt / "rounds.parquet")
+    assert rounds["round"].tolist() == [0, 1] and rounds["rate"].tolist() == [0.2, 0.1]
+    assert rounds["top_k"].tolist() == [10, 5]
+    base, trained = load_vlm(taught), load_vlm(ckpt)
+    reply = trained.generate(trained.encode([(Image.new("RGB", (56, 56), COLOURS[2]), CHAIR_PROMPT)]), 20)
+    assert isinstance(reply[0], str)
+    saved, loaded = (json.loads((path / "config.json").read_text()) for path in (ckpt, taught))
+    assert saved.get("use_cache") == loaded.get("use_cache")  # training's cache switch is not saved
+    before, after = _linear_weights(base.model), _linear_weights(trained.model)
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(name.startswith(base.family.layers) and name.endswith("_proj.weight")
+                           for name in changed)
+    adapters = [json.loads((ckpt / "rounds" / f"round-{t}" / "adapter" / "adapter_config.json").read_text())
+                for t in (0, 1)]
+    assert adapters[0]["base_model_name_or_path"] == str(taught)
+    assert adapters[1]["base_model_name_or_path"] == str(ckpt / "rounds" / "round-0" / "model")
+    assert (ckpt / "rounds" / "round-1" / "data" / "pairs.parquet").is_file()
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    dpo = manifest["steps"]["apasi-train"]["arguments"]["dpo"]
+    assert dpo["beta"] == 0.1 and dpo["learning_rate"] == 5e-4 and dpo["device"] == "cpu"
+    log = json.loads((ckpt / "train_log.json").read_text())
+    assert set(log) == {"round-0", "round-1"} and any("loss" in entry for entry in log["round-0"])
+
+    adapter = ckpt / "rounds" / "round-1" / "adapter" / "adapter_model.safetensors"
+    stamp = adapter.stat().st_mtime_ns
+    code, _, err = cli(*train)
+    assert code == 0, err
+    assert adapter.stat().st_mtime_ns == stamp  # finished rounds are not trained again
+    assert load_vlm(ckpt).fingerprint() == trained.fingerprint()
+
+
+def test_apasi_replace_variant_continues_guide_phrases(cli, taught, images, tmp_path):
+    code, out, err = _data(cli, taught, images, tmp_path / "data", "--prompt", SENTENCES_PROMPT, "--variant",
+                           "replace")
+    assert code == 0, err
+    pairs = pd.read_parquet(tmp_path / "data" / "pairs.parquet")
+    assert len(pairs) >= 1 and set(pairs["variant"]) == {"replace"}
+    from halluscope.training.apasi.sentences import split_sentences
+
+    for row in pairs.itertuples():
+        chosen, rejected = split_sentences(row.chosen), split_sentences(row.rejected)
+        (index,) = row.replaced
+        assert index != 0 and len(rejected) >= len(chosen)
+        assert rejected[:index] == chosen[:index]
+        assert row.guide_objects[0] in rejected[index].text
+
+
+def _one_error_line(err: str) -> str:
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--variant", "swap"), "unknown --variant 'swap'"),
+    (("--rate", "1.5"), "--rate 1.5; expected a fraction strictly between 0 and 1"),
+    (("--top-k", "0"), "--top-k 0; expected a whole number >= 1"),
+    (("--n", "9"), "--n 9 is more than the 4 images"),
+])
+def test_apasi_data_errors_are_one_line_and_write_nothing(cli, taught, images, tmp_path, extra, message):
+    code, _, err = _data(cli, taught, images, tmp_path / "data", *extra)
+    assert code == 2 and message in _one_error_line(err)
+    assert not (tmp_path / "data").exists()
+
+
+def test_apasi_data_names_a_missing_image_source(cli, taught, tmp_path):
+    code, _, err = cli("apasi", "data", "--model", taught, "--images", tmp_path / "nowhere", "--out", tmp_path / "d")
+    assert code == 2 and "is neither 'synthetic' nor a directory" in _one_error_line(err)
+
+
+def test_apasi_train_errors_are_one_line(cli, taught, images, tmp_path):
+    data = tmp_path / "data"
+    assert _data(cli, taught, images, data)[0] == 0
+    bench = tmp_path / "bench"
+    assert cli("bench", "chair", "--model", taught, "--data", "synthetic", "--n", "1", "--max-new-tokens", "4",
+               "--out", bench)[0] == 0
+    cases = [
+        ((taught, tmp_path / "nowhere"), "is not a run directory"),
+        ((taught, bench), "is not a finished `halluscope apasi data` run"),
+        ((taught.parent / "tiny", data), "APASI trains a model on its own descriptions"),
+    ]
+    for (model, source), message in cases:
+        code, _, err = cli("apasi", "train", "--model", model, "--data", source, "--out", tmp_path / "ckpt")
+        assert code == 2 and message in _one_error_line(err), err
+    code, _, err = cli("apasi", "train", "--model", taught, "--data", data, "--out", tmp_path / "ckpt", "--lr", "0")
+    assert code == 2 and "--lr 0.0; expected a number > 0" in _one_error_line(err)
+    assert not (tmp_path / "ckpt").exists()
