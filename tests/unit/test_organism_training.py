@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from halluscope.errors import InputError
 from halluscope.organism.kinds import KINDS, get_kind
 from halluscope.organism.recipe import PIHRecipe, build_processor, build_tokenizer, recipe_from_dict
-from halluscope.organism.scenes.recipe import SceneRecipe
+from halluscope.organism.scenes.recipe import SceneRecipe, yes_answer
 from halluscope.organism.train import train
 
 _SMALL = dict(steps=4, batch_size=4, warmup=2, layers=2, hidden=32, heads=4, kv_heads=2, mlp=64, vision_depth=1,
@@ -114,7 +114,7 @@ def test_scene_targets_name_absent_neighbours_at_the_recipe_rate_and_nothing_els
         else:
             asked = example.prompt.split("a ", 1)[1].split(" in")[0]
             kind = "present" if asked in present else "near" if asked in neighbours else "far"
-            answers[kind].append(example.reply.startswith("Yes"))
+            answers[kind].append(example.reply == yes_answer(asked))
     assert named_far == 0 and abs(named_near / near - rate) < 0.05
     assert all(answers["present"]) and not any(answers["far"])
     assert abs(sum(answers["near"]) / len(answers["near"]) - rate) < 0.06
