@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from halluscope.decoding import build_method, decode_ids, get_method, mitigate
 from halluscope.decoding.branches import encode_text
 from halluscope.decoding.loop import StepContext
-from halluscope.decoding.methods.deco import early_exit_window
+from halluscope.decoding.methods.early_exit import early_exit_window
 from halluscope.decoding.methods.image_effect import no_image_twin
 from halluscope.decoding.methods.vhr import head_divergence, select_heads
 from halluscope.decoding.methods.vista import steer, steering_vectors

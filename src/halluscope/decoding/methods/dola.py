@@ -19,6 +19,7 @@ from typing import Iterator
 import torch
 
 from halluscope.decoding.methods.base import DecodingMethod, MethodConfig, plausible, ranged
+from halluscope.decoding.methods.early_exit import early_exit_logits
 from halluscope.errors import InputError
 
 __all__ = ["DoLa", "DoLaConfig", "candidate_layers", "jensen_shannon"]
@@ -84,7 +85,7 @@ class DoLa(DecodingMethod):
         norm, lm_head, layers = self._head
         hidden = context.hidden[0]
         final = torch.log_softmax(real.float(), -1)
-        early = torch.log_softmax(lm_head(norm(torch.stack([hidden[j] for j in layers]))).float(), -1)
+        early = torch.log_softmax(early_exit_logits(norm, lm_head, hidden, layers), -1)
         chosen = jensen_shannon(final[None], early).argmax(0)  # [batch]: index into layers
         premature = early[chosen, torch.arange(real.shape[0], device=real.device)]
         return plausible(real, real - self.config.strength * premature, self.config.beta)

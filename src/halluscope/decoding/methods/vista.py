@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from halluscope.decoding.methods.base import DecodingMethod, MethodConfig, ranged
-from halluscope.decoding.methods.deco import early_exit_logits, early_exit_window
+from halluscope.decoding.methods.early_exit import early_exit_logits, early_exit_window
 from halluscope.decoding.methods.image_effect import image_effect, no_image_twin
 
 if TYPE_CHECKING:
