@@ -23,6 +23,7 @@ counted as the full budget: an upper bound on its speed, exact while no reply en
 It is not a dependency: put a `pip install --no-deps mitigv` target on PYTHONPATH to include it.
 
     python benchmarks/decode.py [--prompts 4] [--max-new-tokens 32] [--repetitions 5] [--threads 2]
+                                [--methods vcd,dola,...]   # default: every registered method
     PYTHONPATH=DIR python benchmarks/decode.py     # with MitigV's VCD (pip install --no-deps --target DIR mitigv)
 """
 
@@ -132,6 +133,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--repetitions", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--methods", default="all",
+                        help="comma-separated method names to time (default: every registered method)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     transformers.utils.logging.set_verbosity_error()
@@ -144,8 +147,9 @@ def main() -> None:
     samples = [s for s in synthetic_counting(args.prompts, seed=7, offsets=(3,), size=224, min_count=5)
                if s.kind == "misleading"][:args.prompts]
     pairs = [(s.image, s.prompt) for s in samples]
-    methods = {name: build_method(name, **SETTINGS.get(name, {})) for name in available_methods()
-               if name != "greedy"}
+    names = [n for n in available_methods() if n != "greedy"] if args.methods == "all" else \
+        [n.strip() for n in args.methods.split(",") if n.strip()]
+    methods = {name: build_method(name, **SETTINGS.get(name, {})) for name in names}
     print(f"{len(pairs)} prompts x {args.max_new_tokens} new tokens, {args.repetitions} repetitions; torch "
           f"{torch.__version__}, transformers {transformers.__version__}; threads {args.threads}; "
           f"{platform.processor() or platform.machine()}")

@@ -69,6 +69,40 @@ def test_every_branch_equals_its_own_full_forward_at_every_step(vlm):
                                            msg=f"branch {b} row {r} step {step}")
 
 
+class _EarlyRecorder(_Recorder):
+    """The disturbed branch beside the real rows, and the real rows' early exits at hidden states 0 and 1."""
+
+    def branches(self, vlm, batch):
+        return [branch_batch(vlm, BRANCHES["disturbed"](batch.pairs))]
+
+    def early_exit(self, vlm):
+        return [0, 1]
+
+    def step_logits(self, context):
+        self.seen.append([context.logits[0].clone(), context.early.clone()])
+        return context.logits[0]
+
+
+def test_early_exits_read_out_with_the_final_logits_equal_a_full_forward_at_every_step(vlm):
+    """The loop reads a method's early-exit layers out in the final lm_head call: each real row's final and
+    early-exit logits equal lm_head(norm(h_j)) of its own full forward, at the prefill and every later step."""
+    encoded = vlm.encode(PAIRS)
+    batch = SourcedBatch(encoded.inputs, encoded.image_mask, encoded.image_spans, pairs=PAIRS)
+    recorder = _EarlyRecorder()
+    tokens = decode_ids(vlm, batch, recorder, max_new_tokens=4).tolist()
+    assert recorder.seen[0][1].shape == (2, len(PAIRS), vlm.lm_head.out_features)
+    for r, pair in enumerate(PAIRS):
+        alone = vlm.encode([pair])
+        for step, (final, early) in enumerate(recorder.seen):
+            with torch.inference_mode():
+                out = vlm.model(**append_tokens(alone, tokens[r][:step]).inputs, output_hidden_states=True)
+                exits = [vlm.lm_head(vlm.norm(out.hidden_states[j][0, -1])) for j in (0, 1)]
+            torch.testing.assert_close(final[r], out.logits[0, -1], atol=1e-4, rtol=0, msg=f"row {r} step {step}")
+            for j in (0, 1):
+                torch.testing.assert_close(early[j, r], exits[j].float(), atol=1e-4, rtol=0,
+                                           msg=f"row {r} step {step} layer {j}")
+
+
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 def test_no_image_branch_gets_text_only_mrope_positions(vlm):
     """A text-only row's 3-D positions count 0, 1, 2, ... in every component, from its own first token."""

@@ -115,8 +115,8 @@ def test_methods_that_change_the_input_need_the_batch_pairs(vlm):
 
 
 # ---- each method's rule ------------------------------------------------------------------------------
-def _context(*logits, step=0, hidden=None):
-    return StepContext([torch.tensor(l, dtype=torch.float32) for l in logits], hidden, step, None)
+def _context(*logits, step=0, early=None):
+    return StepContext([torch.tensor(l, dtype=torch.float32) for l in logits], early, step, None)
 
 
 def test_vcd_contrasts_within_the_plausible_tokens():
@@ -187,15 +187,10 @@ def test_dola_picks_the_most_divergent_layer_and_contrasts_with_it():
     r = torch.log_softmax(torch.tensor([0.0, 0.0, 9.0]), -1)
     assert jensen_shannon(p, r) > jensen_shannon(p, q) > 0
 
-    class Identity(torch.nn.Module):
-        def forward(self, x):
-            return x
-
     method = build_method("dola", layers="0,1", beta=0.0)
-    method._head = (Identity(), Identity(), [0, 1])
-    hidden = (torch.tensor([[0.0, 2.0, 0.0]]), torch.tensor([[0.0, 0.0, 9.0]]), None)
+    early = torch.tensor([[[0.0, 2.0, 0.0]], [[0.0, 0.0, 9.0]]])  # [candidate layers, batch, vocab]
     real = [[2.0, 0.0, 0.0]]
-    scores = method.step_logits(_context(real, hidden=[hidden]))
+    scores = method.step_logits(_context(real, early=early))
     torch.testing.assert_close(scores, torch.tensor(real) - r)  # layer 1 diverges most
 
 

@@ -47,8 +47,8 @@ def _last_token(vlm, batch, modules, read_input: bool) -> torch.Tensor:
     return torch.stack(seen)
 
 
-def _context(*logits, hidden=None):
-    return StepContext([torch.tensor(l, dtype=torch.float32) for l in logits], hidden, 0, None)
+def _context(*logits, early=None):
+    return StepContext([torch.tensor(l, dtype=torch.float32) for l in logits], early, 0, None)
 
 
 # ---- VHR ------------------------------------------------------------------------------------------------
@@ -187,9 +187,8 @@ def test_vista_decodes_as_generate_under_the_same_steering(vlm):
 
 def test_vista_mixes_the_mean_window_logits_into_the_final_ones():
     method = build_method("vista", alpha=0.25)
-    method._head = (torch.nn.Identity(), torch.nn.Identity(), [0, 1])
-    hidden = (torch.tensor([[4.0, 0.0, 0.0]]), torch.tensor([[0.0, 2.0, 0.0]]), None)
-    scores = method.step_logits(_context([[1.0, 2.0, 3.0]], hidden=[hidden]))
+    early = torch.tensor([[[4.0, 0.0, 0.0]], [[0.0, 2.0, 0.0]]])  # [window layers, batch, vocab]
+    scores = method.step_logits(_context([[1.0, 2.0, 3.0]], early=early))
     torch.testing.assert_close(scores, torch.tensor([[0.75 + 0.5, 1.5 + 0.25, 2.25]]))
 
 
@@ -200,8 +199,7 @@ def test_deco_rescores_candidates_with_the_surest_window_layer_of_each_row():
     layer_a = torch.tensor([[0.0, 0.0, 5.0, 0.0], [0.0, 0.0, 4.0, 0.0]])  # row 0: its top token is no candidate
     layer_b = torch.tensor([[0.0, 2.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0]])
     method = build_method("deco", alpha=0.5, top_k=3, top_p=0.9)
-    method._head = (torch.nn.Identity(), torch.nn.Identity(), [0, 1])
-    scores = method.step_logits(_context(real, hidden=[(layer_a, layer_b, None)]))
+    scores = method.step_logits(_context(real, early=torch.stack([layer_a, layer_b])))
     inf = float("-inf")
     conf_b, conf_a = math.exp(2) / (math.exp(2) + 3), math.exp(4) / (math.exp(4) + 3)
     expected = torch.tensor([[3.0, 2.0 + 0.5 * conf_b * 2.0, inf, inf],  # anchor b (token 1)

@@ -22,6 +22,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from halluscope.decoding.attention import set_columns
+from halluscope.decoding.methods.early_exit import early_exit_logits
 from halluscope.errors import InputError
 from halluscope.images import ImageLike
 from halluscope.models.compat import cache_argument, output_cache
@@ -153,26 +154,30 @@ class Rows:
     @classmethod
     @torch.inference_mode()
     def prefill(cls, vlm, batches: Sequence[Batch], max_new_tokens: int,
-                hidden: bool = False) -> tuple["Rows", torch.Tensor, tuple[torch.Tensor, ...] | None]:
+                early: Sequence[int] = ()) -> tuple["Rows", torch.Tensor, torch.Tensor | None]:
         """Prefill every branch (one forward for all that have the same input shapes) and pack the caches.
 
-        Returns the rows, the last-position logits [rows, vocab] and, with `hidden`, every layer's last-position
-        hidden state (embeddings first, the final normed state last), each [rows, hidden_size].
+        Returns the rows, the last-position logits [rows, vocab] and, for hidden-state indices `early`, the real
+        rows' early-exit logits there [len(early), n, vocab] float32 (else None).
         """
         n = len(batches[0])
         if any(len(b) != n for b in batches):
             raise InputError(f"branches have {[len(b) for b in batches]} rows; every branch needs one row per input")
         per_row: list[Any] = [None] * (n * len(batches))
         logits: list[Any] = [None] * (n * len(batches))
-        states: list[Any] = [None] * (n * len(batches))
         positions: list[Any] = [None] * (n * len(batches))
         images: list[Any] = [None] * (n * len(batches))
+        exits = None
         for group in _joinable_groups(batches):
             joined = join_batches([batches[i] for i in group])
             pos = prefill_positions(vlm, joined)
             set_columns(joined.image_mask, joined.attention_mask)
+            reads_early = bool(early) and 0 in group
             out = vlm.model(**joined.inputs, position_ids=pos, use_cache=True, logits_to_keep=1,
-                            output_hidden_states=hidden)
+                            output_hidden_states=reads_early)
+            if reads_early:  # the real rows are block `group.index(0)` of the joined batch
+                start = group.index(0) * n
+                exits = early_exit_logits(vlm, [h[start:, -1] for h in out.hidden_states], early, n)[1]
             cache = output_cache(out)
             lengths = joined.attention_mask.sum(1).tolist()
             for j, index in enumerate(group):
@@ -184,16 +189,13 @@ class Rows:
                     logits[row] = out.logits[g, -1]
                     positions[row] = pos[..., g, -1]
                     images[row] = joined.image_mask[g, -length:]
-                    if hidden:
-                        states[row] = torch.stack([h[g, -1] for h in out.hidden_states])
         packed, mask, width = pack_caches(per_row, max_new_tokens)
         image_columns = torch.zeros(len(per_row), width + max_new_tokens, dtype=torch.bool, device=vlm.device)
         for row, columns in enumerate(images):
             image_columns[row, width - len(columns):width] = columns
         start = torch.stack(positions, -1) + 1
         rows = cls(packed, mask, start, image_columns, width - mask.sum(1), n, start, width)
-        hidden_states = tuple(torch.stack(states)[:, i] for i in range(states[0].shape[0])) if hidden else None
-        return rows, torch.stack(logits), hidden_states
+        return rows, torch.stack(logits), exits
 
     def index(self, local: torch.Tensor) -> torch.Tensor:
         """The rows of every branch [branches * len(local)] for real-row indices `local` (same order per branch)."""
@@ -215,20 +217,22 @@ class Rows:
 
     @torch.inference_mode()
     def step(self, vlm, tokens: torch.Tensor,
-             hidden: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+             early: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Feed one token per row [rows] (or k per row, [rows, k]); the logits after the last one [rows, vocab] and,
-        with `hidden`, every layer's hidden state there [rows, hidden_size] (the last one final-normed)."""
+        for hidden-state indices `early`, the real rows' early-exit logits there [len(early), n, vocab] float32
+        (read out in the same lm_head call; else None)."""
         tokens = tokens if tokens.dim() == 2 else tokens[:, None]
         k = tokens.shape[1]
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], k)], 1)
         set_columns(self.image_columns[:, :self.mask.shape[1]], self.mask)
         positions = self.next_position[..., None] + torch.arange(k, device=tokens.device)
         out = vlm.text_model(input_ids=tokens, attention_mask=self.mask, position_ids=positions, use_cache=True,
-                             output_hidden_states=hidden, **{cache_argument(vlm.text_model): self.cache})
+                             output_hidden_states=bool(early), **{cache_argument(vlm.text_model): self.cache})
         self.next_position = self.next_position + k
-        logits = vlm.lm_head(out.last_hidden_state[:, -1])
-        states = tuple(h[:, -1] for h in out.hidden_states) if hidden else None
-        return logits, states
+        final = out.last_hidden_state[:, -1]
+        if not early:
+            return vlm.lm_head(final), None
+        return early_exit_logits(vlm, [h[:, -1] for h in out.hidden_states], early, self.n, final=final)
 
     @torch.inference_mode()
     def peek(self, vlm, tokens: torch.Tensor) -> None:
@@ -242,10 +246,10 @@ class Rows:
 
     @torch.inference_mode()
     def rewind(self, vlm, tokens: torch.Tensor,
-               hidden: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+               early: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Drop every decoded column and feed `tokens` [rows, k] after the prompts in one forward (as `step`): a
         search that goes back rebuilds its beams' caches from their tokens. Each row keeps its prompt, so rows
         reordered since the prefill must still be copies of their own real row's."""
         self.cache = _cache([BufferedLayer(*layer.buffers, self.width) for layer in self.cache.layers])
         self.mask, self.next_position = self.mask[:, :self.width], self.prompt_position
-        return self.step(vlm, tokens, hidden=hidden)
+        return self.step(vlm, tokens, early=early)

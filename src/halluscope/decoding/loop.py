@@ -98,22 +98,20 @@ class StepContext:
     """What a method sees at one decoding step.
 
     `logits[b]` is branch b's [batch, vocab] (branch 0 the real input; under beam search one row per beam, the
-    beams of a row next to each other); `hidden[b]` its per-layer hidden states (a tuple, embeddings first) when
-    the method asked for them; `step` is the number of tokens generated before this one (0 at the prefill).
+    beams of a row next to each other); `early` [layers, batch, vocab] float32 the real rows' early-exit logits at
+    the hidden-state indices the method's `early_exit` asked for (None if none); `step` is the number of tokens
+    generated before this one (0 at the prefill).
     """
 
     logits: list[torch.Tensor]
-    hidden: list[tuple[torch.Tensor, ...]] | None
+    early: torch.Tensor | None
     step: int
     rows: Rows
 
 
-def _context(logits: torch.Tensor, states: tuple[torch.Tensor, ...] | None, n: int, step: int,
-             rows: Rows) -> StepContext:
-    """The step's all-row logits [rows, vocab] (and hidden states) split into one block of `n` rows per branch."""
-    hidden = None if states is None else [tuple(s[start:start + n] for s in states)
-                                          for start in range(0, logits.shape[0], n)]
-    return StepContext(list(logits.split(n)), hidden, step, rows)
+def _context(logits: torch.Tensor, early: torch.Tensor | None, n: int, step: int, rows: Rows) -> StepContext:
+    """The step's all-row logits [rows, vocab] split into one block of `n` rows per branch."""
+    return StepContext(list(logits.split(n)), early, step, rows)
 
 
 def _end_ids(vlm) -> tuple[torch.Tensor, int]:
@@ -222,34 +220,35 @@ def _beam_fill(ends: torch.Tensor, pad: int | None) -> int:
     return pad if pad else int(ends[0])
 
 
-def _greedy(vlm, method: DecodingMethod, rows: Rows, logits: torch.Tensor, states, *, max_new_tokens: int,
-            sampler: Sampler, ends: torch.Tensor, pad: int) -> torch.Tensor:
+def _greedy(vlm, method: DecodingMethod, rows: Rows, logits: torch.Tensor, early: torch.Tensor | None,
+            layers: list[int], *, max_new_tokens: int, sampler: Sampler, ends: torch.Tensor,
+            pad: int) -> torch.Tensor:
     """One token per row and step, picked by `sampler`: [rows, new_tokens], padded after each row's end."""
     n, branches = rows.n, rows.mask.shape[0] // rows.n
     generator = sampler.generator(vlm.device)
     done = torch.zeros(n, dtype=torch.bool, device=vlm.device)
     out: list[torch.Tensor] = []
     for step in range(max_new_tokens):
-        scores = method.step_logits(_context(logits, states, n, step, rows))
+        scores = method.step_logits(_context(logits, early, n, step, rows))
         token = torch.where(done, torch.full_like(done, pad, dtype=torch.long), sampler.pick(scores, generator))
         out.append(token)
         done = done | torch.isin(token, ends)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        logits, states = rows.step(vlm, token.repeat(branches), hidden=method.needs_hidden_states)
+        logits, early = rows.step(vlm, token.repeat(branches), early=layers)
     return torch.stack(out, 1)
 
 
-def _search(vlm, method: DecodingMethod, rows: Rows, logits: torch.Tensor, states, part: torch.Tensor, *,
+def _search(vlm, method: DecodingMethod, rows: Rows, logits: torch.Tensor, early: torch.Tensor | None,
+            layers: list[int], part: torch.Tensor, *,
             beams: int, max_new_tokens: int, sampler: Sampler, ends: torch.Tensor,
             fill: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Beam search for the real rows `part` of `rows`: each row's best sequence [rows, max_new_tokens] (`fill`
     past its end) and its length [rows]."""
-    hidden = method.needs_hidden_states
     copies = part.to(vlm.device).repeat_interleave(beams)
     index = rows.index(copies)
     rows, logits = rows.select(copies), logits[index]
-    states = None if states is None else tuple(s[index] for s in states)
+    early = None if early is None else early[:, copies]
     branches, groups = rows.mask.shape[0] // rows.n, len(part)
     state = _Beams.start(groups, beams, max_new_tokens, fill, vlm.device)
     offsets = torch.arange(groups, device=vlm.device)[:, None] * beams
@@ -257,7 +256,7 @@ def _search(vlm, method: DecodingMethod, rows: Rows, logits: torch.Tensor, state
     picked: list[torch.Tensor] = []  # ... and the (beam, token) continuations picked there, as beam * vocab + token
     banned: dict[int, torch.Tensor] = {}  # the continuations a rewind to a position may not pick again
     while True:
-        context = _context(logits, states, rows.n, state.length, rows)
+        context = _context(logits, early, rows.n, state.length, rows)
         scores = method.step_logits(context)
         back = method.rewind(context) if method.rewinds else None
         if back is not None:
@@ -265,8 +264,8 @@ def _search(vlm, method: DecodingMethod, rows: Rows, logits: torch.Tensor, state
             again = picked[back] if back not in banned else torch.cat([banned[back], picked[back]], 1)
             banned = {p: b for p, b in banned.items() if p < back} | {back: again}
             del kept[back:], picked[back:]
-            logits, states = rows.rewind(vlm, state.running[:, :, :back].flatten(0, 1).repeat(branches, 1),
-                                         hidden=hidden)
+            logits, early = rows.rewind(vlm, state.running[:, :, :back].flatten(0, 1).repeat(branches, 1),
+                                        early=layers)
             real = logits[:rows.n].float()
             scores = real.view(groups, -1).scatter(1, again, float("-inf")).view_as(real)
         if method.rewinds:
@@ -281,7 +280,7 @@ def _search(vlm, method: DecodingMethod, rows: Rows, logits: torch.Tensor, state
         rows = rows.select(order)
         method.reorder(order)
         tokens = state.running[:, :, state.length - 1].flatten()
-        logits, states = rows.step(vlm, tokens.repeat(branches), hidden=hidden)
+        logits, early = rows.step(vlm, tokens.repeat(branches), early=layers)
 
 
 @torch.inference_mode()
@@ -308,12 +307,14 @@ def decode_ids(vlm, batch: Batch, method: DecodingMethod | None = None, *, max_n
     n = len(batch)
     with method.applied(vlm, batch):
         batches = [batch, *method.branches(vlm, batch)]
-        rows, logits, states = Rows.prefill(vlm, batches, max_new_tokens, hidden=method.needs_hidden_states)
+        layers = method.early_exit(vlm)
+        rows, logits, early = Rows.prefill(vlm, batches, max_new_tokens, early=layers)
         if beams == 1:
-            return _greedy(vlm, method, rows, logits, states, max_new_tokens=max_new_tokens, sampler=sampler,
-                           ends=ends, pad=pad)
+            return _greedy(vlm, method, rows, logits, early, layers, max_new_tokens=max_new_tokens,
+                           sampler=sampler, ends=ends, pad=pad)
         parts = [torch.tensor([r]) for r in range(n)] if method.rewinds else [torch.arange(n)]
-        found = [_search(vlm, method, rows, logits, states, part, beams=beams, max_new_tokens=max_new_tokens,
-                         sampler=sampler, ends=ends, fill=_beam_fill(ends, pad)) for part in parts]
+        found = [_search(vlm, method, rows, logits, early, layers, part, beams=beams,
+                         max_new_tokens=max_new_tokens, sampler=sampler, ends=ends, fill=_beam_fill(ends, pad))
+                 for part in parts]
     sequences, lengths = (torch.cat(x) for x in zip(*found))
     return sequences[:, :int(lengths.max())]

@@ -1,7 +1,8 @@
 """The base of every decoding method: a validated config dataclass and the hooks the decoding loop calls.
 
-A method says what it needs (`branches`: second inputs run as extra rows; `needs_hidden_states`; `applied`: edits
-to the model for the whole call) and how a step's scores come from them (`step_logits`). A method that runs its
+A method says what it needs (`branches`: second inputs run as extra rows; `early_exit`: layers read out through
+lm_head; `applied`: edits to the model for the whole call) and how a step's scores come from them
+(`step_logits`). A method that runs its
 own beam search (OPERA) has a `num_beams` setting, follows the beams' reordering (`reorder`) and may send the
 search back to an earlier position (`rewinds`, `rewind`). Plain decoding is the base class itself: no branches,
 no edits, the real rows' logits.
@@ -81,8 +82,6 @@ class DecodingMethod:
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     #: the branches change the image or prompt, so the batch must carry its (image, prompt) pairs
     needs_pairs: ClassVar[bool] = False
-    #: step_logits reads every layer's hidden state (`StepContext.hidden`)
-    needs_hidden_states: ClassVar[bool] = False
 
     def __init__(self, **settings: Any) -> None:
         names = [f.name for f in dataclasses.fields(self.Config)]
@@ -103,6 +102,11 @@ class DecodingMethod:
 
     def branches(self, vlm, batch: Batch) -> list[Batch]:
         """Second inputs decoded beside the real one, each a batch with one row per real row."""
+        return []
+
+    def early_exit(self, vlm) -> list[int]:
+        """Hidden-state indices (0 = embeddings) whose next-token logits through the final norm and lm_head
+        `step_logits` reads (`StepContext.early`); the loop reads them out with the final logits. None here."""
         return []
 
     @contextmanager

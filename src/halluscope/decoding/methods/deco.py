@@ -6,20 +6,18 @@ probability reaches `top_p`. Anchor: the layer of an early-exit window whose dis
 gives some candidate the highest probability; conf is that probability. Scores: l_N + alpha * conf * l_anchor on
 the candidates, -inf elsewhere. Paper settings (LLaVA-1.5, 32 layers): top_k 20, top_p 0.9, alpha 0.6, window
 20 to 28; here the window is hidden-state indices (0 the embeddings, as in DoLa), by default
-floor(20 L / 32)..floor(28 L / 32) of L layers, or the layers given. No extra forward; lm_head over the window
-per token. Neutral: alpha 0, plain decoding (no candidate mask either, so beam search is unchanged too).
+floor(20 L / 32)..floor(28 L / 32) of L layers, or the layers given. No extra forward; the window is read
+out in the final lm_head call. Neutral: alpha 0, plain decoding (no candidate mask either, so beam search is unchanged too).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
 from halluscope.decoding.methods.base import DecodingMethod, MethodConfig, ranged
-from halluscope.decoding.methods.early_exit import early_exit_logits, early_exit_window
+from halluscope.decoding.methods.early_exit import early_exit_window
 
 __all__ = ["DeCo", "DeCoConfig", "candidate_tokens"]
 
@@ -44,25 +42,15 @@ def candidate_tokens(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Te
 
 class DeCo(DecodingMethod):
     """Dynamic correction with the most confident preceding layer (Wang et al., ICLR 2025, arXiv:2410.11779):
-    no extra forward; lm_head over the window per token."""
+    no extra forward; the window is read out in the final lm_head call."""
 
     name = "deco"
     Config = DeCoConfig
-    needs_hidden_states = True
 
-    def __init__(self, **settings) -> None:
-        super().__init__(**settings)
-        self._head: tuple | None = None  # (final norm, lm_head, window layers) while decoding
-
-    @contextmanager
-    def applied(self, vlm, batch) -> Iterator[None]:
+    def early_exit(self, vlm) -> list[int]:
         c = self.config
-        self._head = (vlm.norm, vlm.lm_head, early_exit_window(vlm.n_layers, c.start_layer, c.end_layer, (20, 28),
-                                                               "deco"))
-        try:
-            yield
-        finally:
-            self._head = None
+        window = early_exit_window(vlm.n_layers, c.start_layer, c.end_layer, (20, 28), "deco")
+        return [] if c.alpha == 0 else window
 
     def step_logits(self, context):
         c = self.config
@@ -70,8 +58,7 @@ class DeCo(DecodingMethod):
         if c.alpha == 0:  # neutral: plain decoding, with no candidate mask either (it would change beam scores)
             return real
         allowed = candidate_tokens(real, c.top_k, c.top_p)
-        norm, lm_head, layers = self._head
-        early = early_exit_logits(norm, lm_head, context.hidden[0], layers)
+        early = context.early
         probs = torch.softmax(early, -1).masked_fill(~allowed, -1.0)  # [window, batch, vocab]
         conf, flat = probs.transpose(0, 1).flatten(1).max(-1)  # per row, over (layer, candidate)
         anchor = early[flat // early.shape[-1], torch.arange(real.shape[0], device=real.device)]

@@ -12,14 +12,11 @@ is left out: halluscope compares methods under one decoder). Neutral: strength 0
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
 from halluscope.decoding.methods.base import DecodingMethod, MethodConfig, plausible, ranged
-from halluscope.decoding.methods.early_exit import early_exit_logits
 from halluscope.errors import InputError
 
 __all__ = ["DoLa", "DoLaConfig", "candidate_layers", "jensen_shannon"]
@@ -60,32 +57,20 @@ def jensen_shannon(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
 class DoLa(DecodingMethod):
     """Contrast of the final layer with the most divergent early layer (Chuang et al., ICLR 2024,
-    arXiv:2309.03883): no extra forward; lm_head over a few candidate layers per token."""
+    arXiv:2309.03883): no extra forward; the candidate layers are read out in the final lm_head call."""
 
     name = "dola"
     Config = DoLaConfig
-    needs_hidden_states = True
 
-    def __init__(self, **settings) -> None:
-        super().__init__(**settings)
-        self._head: tuple | None = None  # (final norm, lm_head, candidate layers) while decoding
-
-    @contextmanager
-    def applied(self, vlm, batch) -> Iterator[None]:
-        self._head = (vlm.norm, vlm.lm_head, candidate_layers(self.config.layers, vlm.n_layers))
-        try:
-            yield
-        finally:
-            self._head = None
+    def early_exit(self, vlm) -> list[int]:
+        return [] if self.config.strength == 0 else candidate_layers(self.config.layers, vlm.n_layers)
 
     def step_logits(self, context):
         real = context.logits[0]
         if self.config.strength == 0:
             return real
-        norm, lm_head, layers = self._head
-        hidden = context.hidden[0]
         final = torch.log_softmax(real.float(), -1)
-        early = torch.log_softmax(early_exit_logits(norm, lm_head, hidden, layers), -1)
-        chosen = jensen_shannon(final[None], early).argmax(0)  # [batch]: index into layers
+        early = torch.log_softmax(context.early, -1)
+        chosen = jensen_shannon(final[None], early).argmax(0)  # [batch]: index into the candidate layers
         premature = early[chosen, torch.arange(real.shape[0], device=real.device)]
         return plausible(real, real - self.config.strength * premature, self.config.beta)

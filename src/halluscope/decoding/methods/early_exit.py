@@ -1,10 +1,16 @@
 """Early-exit readings shared by the layer-contrast methods (DoLa, VISTA's window, DeCo): which hidden states
-form a window, and their next-token logits through the final norm and lm_head."""
+form a window, and their next-token logits through the final norm and lm_head.
+
+The decoding loop reads the early exits out in the same lm_head call as the final logits: at decoding batch
+sizes a CPU matmul with lm_head is bound by reading its weights, so the extra rows cost little, where a second
+call would read the whole vocabulary matrix again (a quarter of a 70M-parameter model's weights per token).
+"""
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
-from torch import nn
 
 from halluscope.errors import InputError
 
@@ -27,7 +33,13 @@ def early_exit_window(n_layers: int, start: int | None, end: int | None, paper: 
     return list(range(first, stop))
 
 
-def early_exit_logits(norm: nn.Module, lm_head: nn.Module, hidden: tuple[torch.Tensor, ...],
-                      layers: list[int]) -> torch.Tensor:
-    """lm_head(norm(h_j)) of every window layer j of one step's hidden states: [window, batch, vocab], float32."""
-    return lm_head(norm(torch.stack([hidden[j] for j in layers]))).float()
+def early_exit_logits(vlm, hidden: Sequence[torch.Tensor], layers: Sequence[int], n: int,
+                      final: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """lm_head(norm(h_j)) of the first `n` rows of each hidden state `hidden[j]` [rows, hidden_size], j in
+    `layers`, as [len(layers), n, vocab] float32; with `final` [rows, hidden_size] (final-normed states) their
+    logits [rows, vocab] come from the same lm_head call and are returned first (else None)."""
+    early = vlm.norm(torch.stack([hidden[j][:n] for j in layers])).flatten(0, 1)
+    if final is None:
+        return None, vlm.lm_head(early).unflatten(0, (len(layers), n)).float()
+    logits = vlm.lm_head(torch.cat([final, early]))
+    return logits[:len(final)], logits[len(final):].unflatten(0, (len(layers), n)).float()

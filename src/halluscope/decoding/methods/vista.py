@@ -10,7 +10,7 @@ Paper settings (LLaVA-1.5, 32 layers): lam 0.17 for captions (CHAIR; 0.01 for PO
 here the window is hidden-state indices (0 the embeddings), by default floor(25 L / 32)..floor(30 L / 32) of L
 layers, or the layers given. The paper's vector is a PCA direction of the differences; with one (image, no image)
 pair per prompt we use the difference itself. Cost: one prefill of the input and one of the twin per call, before
-decoding; lm_head over the window per token. Neutral: lam 0 and alpha 0.
+decoding; the window is read out in the final lm_head call. Neutral: lam 0 and alpha 0.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from halluscope.decoding.methods.base import DecodingMethod, MethodConfig, ranged
-from halluscope.decoding.methods.early_exit import early_exit_logits, early_exit_window
+from halluscope.decoding.methods.early_exit import early_exit_window
 from halluscope.decoding.methods.image_effect import image_effect, no_image_twin
 
 if TYPE_CHECKING:
@@ -57,22 +57,20 @@ def steer(x: torch.Tensor, direction: torch.Tensor, lam: float) -> torch.Tensor:
 
 class VISTA(DecodingMethod):
     """Visual steering and self-logits augmentation (Li et al., ICML 2025, arXiv:2502.03628): the vectors come
-    from two prefills per call; steering adds no forward; the window costs lm_head over its layers per token."""
+    from two prefills per call; steering adds no forward; the window is read out in the final lm_head call."""
 
     name = "vista"
     Config = VISTAConfig
     needs_pairs = True
-    needs_hidden_states = True
 
-    def __init__(self, **settings) -> None:
-        super().__init__(**settings)
-        self._head: tuple | None = None  # (final norm, lm_head, window layers) while decoding
+    def early_exit(self, vlm) -> list[int]:
+        c = self.config
+        window = early_exit_window(vlm.n_layers, c.start_layer, c.end_layer, (25, 30), "vista")
+        return [] if c.alpha == 0 else window
 
     @contextmanager
     def applied(self, vlm, batch) -> Iterator[None]:
         c = self.config
-        self._head = (vlm.norm, vlm.lm_head, early_exit_window(vlm.n_layers, c.start_layer, c.end_layer, (25, 30),
-                                                               "vista"))
         handles = []
         try:
             if c.lam > 0:
@@ -84,7 +82,6 @@ class VISTA(DecodingMethod):
         finally:
             for handle in handles:
                 handle.remove()
-            self._head = None
 
     def _hook(self, direction: torch.Tensor):
         lam = self.config.lam
@@ -99,6 +96,5 @@ class VISTA(DecodingMethod):
         alpha = self.config.alpha
         if alpha == 0:
             return real
-        norm, lm_head, layers = self._head
-        window = early_exit_logits(norm, lm_head, context.hidden[0], layers).mean(0)
+        window = context.early.mean(0)
         return (1 - alpha) * real.float() + alpha * window
