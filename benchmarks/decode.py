@@ -6,23 +6,30 @@ Builds two ~70M-parameter random checkpoints offline and loads them through `loa
 tokens each) it times plain greedy `VLM.generate_ids` and `halluscope.decode` under every registered method at
 its paper's defaults, and halluscope's loop with no method ("loop": what each method adds to, so the two ratios
 separate the method's cost from the loop's). The methods run interleaved within each repetition (in a rotating
-order, so a change in the machine's load hits all of them alike); a method's ratio is its tokens/s over greedy's
-tokens/s in the same repetition, and the median over repetitions is reported per model. Tokens are all
-generated positions of all rows (both decoders run every row until every row has ended).
+order, so a change in the machine's load hits all of them alike); each call runs twice per repetition, once for
+the full reply and once for a single token (the prefill and every other per-call cost). Per model it reports,
+as medians over repetitions of ratios to greedy's in the same repetition:
 
-Targets: methods with a second branch (VCD, M3ID, ICD, RITUAL, PAI) >= 0.75x, since their branch runs as extra
-rows of the same forward; methods with no extra forward per token (DoLa, VAF, heads, DeCo; VHR and VISTA, whose
-two prefills per call for their per-prompt scores count against them at short replies) >= 0.9x. OPERA is a search
-method, not a rescoring of greedy decoding (5 beams, one look-ahead forward per candidate, and rows searched one
-at a time while it may roll back), so it has no ratio target: its line shows what the search costs. The last
-lines give one ratio per method, the lower of the two models': `decode <method> <ratio>x`.
+- tokens/s of the whole call (all generated positions of all rows; both decoders run every row to the end);
+- tokens/s per decoding step: (N - 1) tokens per row over the full call's time minus the one-token call's;
+- the one-token call's speed (what the prefill and per-call work cost against greedy's prefill).
+
+Targets: methods with a second branch (VCD, M3ID, ICD, RITUAL, PAI) >= 0.75x for the whole call, since their
+branch runs as extra rows of the same forward; methods with no extra forward per token >= 0.9x: DoLa, VAF, heads
+and DeCo for the whole call, VHR and VISTA per decoding step (the issue's "per token": each pays two prefills per
+call for its per-prompt scores, which no decoding can hide at short replies). OPERA is a search method, not a
+rescoring of greedy decoding (5 beams, one look-ahead forward per candidate, and rows searched one at a time
+while it may roll back), so it has no ratio target: its line shows what the search costs. The last lines give
+one ratio per method, the lower of the two models' (whole call, or per step for VHR and VISTA):
+`decode <method> <ratio>x`. The default reply length, 64 tokens, is a short caption (CHAIR's captions run
+longer); the prefill share of a call, and with it every branch method's whole-call ratio, falls as replies grow.
 
 If MitigV (PyPI `mitigv`) is importable, its VCD runs in the same repetitions on the models it supports (LLaVA
 here), over the same prompts one call each (its API takes one prompt and returns text only, so its tokens are
 counted as the full budget: an upper bound on its speed, exact while no reply ends early).
 It is not a dependency: put a `pip install --no-deps mitigv` target on PYTHONPATH to include it.
 
-    python benchmarks/decode.py [--prompts 4] [--max-new-tokens 32] [--repetitions 5] [--threads 2]
+    python benchmarks/decode.py [--prompts 4] [--max-new-tokens 64] [--repetitions 5] [--threads 2]
                                 [--methods vcd,dola,...]   # default: every registered method
     PYTHONPATH=DIR python benchmarks/decode.py     # with MitigV's VCD (pip install --no-deps --target DIR mitigv)
 """
@@ -45,6 +52,7 @@ from sweep import build_checkpoint as build_qwen  # noqa: E402  (the 70M Qwen2-V
 
 TARGETS = {"vcd": 0.75, "m3id": 0.75, "icd": 0.75, "ritual": 0.75, "pai": 0.75, "dola": 0.9, "vaf": 0.9,
            "heads": 0.9, "vhr": 0.9, "vista": 0.9, "deco": 0.9}  # none for OPERA, a search method (see above)
+PER_STEP = {"vhr", "vista"}  # targets per decoding step: their per-prompt scores cost two prefills per call
 SETTINGS = {"heads": {"heads": "L0H1,L1H2"}}  # the others at their defaults
 
 
@@ -74,9 +82,9 @@ def build_llava(out: Path) -> Path:
     return target
 
 
-def mitigv_vcd(vlm, pairs, max_new_tokens: int):
+def mitigv_vcd(vlm, pairs):
     """MitigV's VCD on the same model and prompts (its API decodes one prompt per call), or None if MitigV is not
-    importable; returns a function giving the number of tokens generated."""
+    importable; returns a function of the reply length giving the number of tokens generated."""
     try:
         import mitigv
     except ImportError:
@@ -86,7 +94,7 @@ def mitigv_vcd(vlm, pairs, max_new_tokens: int):
         return None
     vcd = mitigv.load_mitigator("vcd", model=vlm.model, processor=vlm.processor, model_type=family)
 
-    def run() -> int:
+    def run(max_new_tokens: int) -> int:
         for image, prompt in pairs:
             vcd(vlm.prepared_image(image), prompt, max_new_tokens=max_new_tokens)
         return len(pairs) * max_new_tokens  # its API returns text only; random weights never end a reply early
@@ -94,43 +102,60 @@ def mitigv_vcd(vlm, pairs, max_new_tokens: int):
     return run
 
 
-def time_model(vlm, pairs, methods: dict, max_new_tokens: int, repetitions: int) -> dict[str, list[float]]:
-    """Tokens/s of greedy `generate`, the plain loop and every method per repetition, interleaved."""
+def time_model(vlm, pairs, methods: dict, max_new_tokens: int, repetitions: int) -> dict[str, dict[str, list]]:
+    """Per run name, per repetition: the full call's tokens and seconds, and the one-token call's (interleaved)."""
     from halluscope.decoding import decode_ids
     from halluscope.decoding.branches import SourcedBatch
 
     encoded = vlm.encode(pairs)
     batch = SourcedBatch(encoded.inputs, encoded.image_mask, encoded.image_spans, pairs=pairs)
-    runs = {"greedy": lambda: vlm.generate_ids(batch, max_new_tokens=max_new_tokens).numel(),
-            "loop": lambda: decode_ids(vlm, batch, max_new_tokens=max_new_tokens).numel()}
-    runs.update({name: (lambda m=m: decode_ids(vlm, batch, m, max_new_tokens=max_new_tokens).numel())
+    runs = {"greedy": lambda k: vlm.generate_ids(batch, max_new_tokens=k).numel(),
+            "loop": lambda k: decode_ids(vlm, batch, max_new_tokens=k).numel()}
+    runs.update({name: (lambda k, m=m: decode_ids(vlm, batch, m, max_new_tokens=k).numel())
                  for name, m in methods.items()})
-    other = mitigv_vcd(vlm, pairs, max_new_tokens)
+    other = mitigv_vcd(vlm, pairs)
     if other is not None:
         runs["mitigv-vcd"] = other
     for run in runs.values():  # warm-up: first calls pay one-off costs
-        run()
+        run(2)
     names = list(runs)
-    rates: dict[str, list[float]] = {name: [] for name in names}
+    timings: dict[str, dict[str, list]] = {name: {"full": [], "one": []} for name in names}
     for rep in range(repetitions):
         for name in names[rep % len(names):] + names[:rep % len(names)]:
-            start = time.perf_counter()
-            tokens = runs[name]()
-            rates[name].append(tokens / (time.perf_counter() - start))
-        print(f"  repetition {rep + 1}: greedy {rates['greedy'][-1]:.1f} tokens/s; " +
-              " ".join(f"{n}={rates[n][-1] / rates['greedy'][-1]:.2f}" for n in names[1:]), flush=True)
-    return rates
+            for kind, k in (("full", max_new_tokens), ("one", 1)):
+                start = time.perf_counter()
+                tokens = runs[name](k)
+                timings[name][kind].append((tokens, time.perf_counter() - start))
+        print(f"  repetition {rep + 1}: " + " ".join(
+            f"{n}={ratios(timings, n, 'greedy', 'call')[-1]:.2f}/{ratios(timings, n, 'greedy', 'step')[-1]:.2f}"
+            for n in names[1:]) + "  (whole call / per step, vs greedy)", flush=True)
+    return timings
 
 
-def ratio(rates: dict[str, list[float]], name: str, reference: str) -> float:
-    """Median over repetitions of `name`'s tokens/s over `reference`'s in the same repetition."""
-    return statistics.median(a / b for a, b in zip(rates[name], rates[reference]))
+def ratios(timings: dict[str, dict[str, list]], name: str, reference: str, measure: str) -> list[float]:
+    """Per repetition, `name`'s speed over `reference`'s: tokens/s of the whole call ("call"), of the decoding
+    steps ("step": the full call less the one-token call) or of the one-token call ("prefill")."""
+    def speed(runs: dict[str, list], i: int) -> float:
+        (tokens, seconds), (one_tokens, one_seconds) = runs["full"][i], runs["one"][i]
+        if measure == "call":
+            return tokens / seconds
+        if measure == "prefill":
+            return one_tokens / one_seconds
+        return (tokens - one_tokens) / max(seconds - one_seconds, 1e-9)
+
+    a, b = timings[name], timings[reference]
+    return [speed(a, i) / speed(b, i) for i in range(len(a["full"]))]
+
+
+def ratio(timings: dict[str, dict[str, list]], name: str, measure: str) -> float:
+    """Median over repetitions of `name`'s speed over greedy's."""
+    return statistics.median(ratios(timings, name, "greedy", measure))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=4, help="prompts decoded together in one batch")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repetitions", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--methods", default="all",
@@ -160,20 +185,23 @@ def main() -> None:
             n_params = sum(p.numel() for p in vlm.model.parameters())
             print(f"{label}: {n_params / 1e6:.1f}M parameters, {vlm.n_layers} layers", flush=True)
             results[label] = time_model(vlm, pairs, methods, args.max_new_tokens, args.repetitions)
-    print(f"{'':>10} " + " ".join(f"{label + ' vs generate':>26} {'vs loop':>8}" for label in results) +
-          "   target")
-    for name in ["loop", *methods]:
-        target = f"   >= {TARGETS[name]:.2f}x" if name in TARGETS else ""
-        print(f"{name:>10} " + " ".join(f"{ratio(rates, name, 'greedy'):>25.2f}x {ratio(rates, name, 'loop'):>7.2f}x"
-                                        for rates in results.values()) + target)
-    for label, rates in results.items():
-        print(f"{label}: greedy generate {statistics.median(rates['greedy']):.1f} tokens/s (median)")
-        if "mitigv-vcd" in rates:
+    for label, timings in results.items():
+        greedy = statistics.median(t / s for t, s in timings["greedy"]["full"])
+        print(f"{label}: greedy generate {greedy:.1f} tokens/s (median); speed vs greedy generate (whole call, "
+              f"per decoding step, one-token call) and whole call vs halluscope's plain loop:")
+        for name in [n for n in timings if n != "greedy"]:
+            target = f"   target >= {TARGETS[name]:.2f}x {'per step' if name in PER_STEP else 'whole call'}" \
+                if name in TARGETS else ""
+            print(f"  {name:>10}  call {ratio(timings, name, 'call'):5.2f}x  step {ratio(timings, name, 'step'):5.2f}x"
+                  f"  prefill {ratio(timings, name, 'prefill'):5.2f}x  vs loop "
+                  f"{statistics.median(ratios(timings, name, 'loop', 'call')):5.2f}x{target}")
+        if "mitigv-vcd" in timings:
             print(f"MitigV's VCD on {label} (one prompt per call, its noised branch a second forward): "
-                  f"{ratio(rates, 'mitigv-vcd', 'greedy'):.2f}x greedy generate, {ratio(rates, 'vcd', 'greedy'):.2f}x "
+                  f"{ratio(timings, 'mitigv-vcd', 'call'):.2f}x greedy generate, {ratio(timings, 'vcd', 'call'):.2f}x "
                   f"for halluscope's VCD")
     for name in methods:
-        print(f"decode {name} {min(ratio(rates, name, 'greedy') for rates in results.values()):.2f}x")
+        measure = "step" if name in PER_STEP else "call"
+        print(f"decode {name} {min(ratio(timings, name, measure) for timings in results.values()):.2f}x")
 
 
 if __name__ == "__main__":

@@ -69,6 +69,24 @@ def test_every_branch_equals_its_own_full_forward_at_every_step(vlm):
                                            msg=f"branch {b} row {r} step {step}")
 
 
+def test_branch_rows_reuse_the_real_rows_keys_over_their_common_prefix(vlm):
+    """A branch with the same image continues from the real rows' cache past the image (no second vision pass);
+    a text-only branch shares the text before the image; a changed image shares nothing (its tokens come after
+    text the real rows share, but its image tokens need their own vision pass). The first test checks the
+    logits of every such branch against full forwards."""
+    from halluscope.decoding.branches import shared_prefixes
+
+    encoded = vlm.encode(PAIRS)
+    batch = SourcedBatch(encoded.inputs, encoded.image_mask, encoded.image_spans, pairs=PAIRS)
+    disturbed = shared_prefixes(batch, branch_batch(vlm, BRANCHES["disturbed"](PAIRS)))
+    no_image = shared_prefixes(batch, branch_batch(vlm, BRANCHES["no-image"](PAIRS)))
+    for r in range(len(PAIRS)):
+        image_columns = batch.image_mask[r][batch.attention_mask[r].bool()].nonzero().flatten()
+        assert disturbed[r] > int(image_columns[-1])
+        assert no_image is None or no_image[r] <= int(image_columns[0])
+    assert shared_prefixes(batch, branch_batch(vlm, BRANCHES["perturbed"](PAIRS))) is None
+
+
 class _EarlyRecorder(_Recorder):
     """The disturbed branch beside the real rows, and the real rows' early exits at hidden states 0 and 1."""
 

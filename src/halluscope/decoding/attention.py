@@ -24,7 +24,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-__all__ = ["ATTENTION_NAME", "ScoreEdit", "score_edit", "set_columns"]
+__all__ = ["ATTENTION_NAME", "ScoreEdit", "editing", "score_edit", "set_columns"]
 
 ATTENTION_NAME = "halluscope_edit"
 
@@ -49,6 +49,11 @@ class _State:
     image: torch.Tensor | None = None  # [rows, columns]: key columns holding image tokens
     system: torch.Tensor | None = None  # [rows, columns]: real columns before a row's first image token
     previous: str | None = None  # the implementation the layers the edit does not name keep
+
+
+def editing() -> bool:
+    """True inside `score_edit`: attention then depends on each row's image columns, not only on its tokens."""
+    return _State.edit is not None
 
 
 def set_columns(image_mask: torch.Tensor, attention_mask: torch.Tensor) -> None:

@@ -4,7 +4,11 @@ A contrastive method compares the model's next-token logits on the real input wi
 the image perturbed or augmented, no image at all, or a disturbance instruction before the prompt. Each such
 branch is a `Batch` with one row per real row, wrapped in the model's chat template (`branch_batch`). All rows
 of all branches are prefilled (branches whose inputs have the same shapes in one forward), then packed into one
-left-padded cache (`Rows`), so every decoding step is one forward of (1 + branches) x batch rows, each with its
+left-padded cache (`Rows`). A branch whose rows hold no image after the tokens they share with the real rows (a
+text-only branch; the same image under changed prompt text, as in ICD) continues from the real rows' keys and
+values over those tokens instead (`shared_prefixes`): causal attention makes them the same, and the vision tower
+does not run again. Attention edits see each row's own columns, so under an edit every branch is prefilled in
+full. Every decoding step is one forward of (1 + branches) x batch rows, each with its
 own cache rows, attention mask and position ids. A no-image branch on an M-RoPE model (Qwen2-VL, Qwen2.5-VL)
 gets the text-only positions of its own input. Beam search copies and reorders rows with their cache
 (`Rows.select`); a search that looks one token ahead or goes back (OPERA) feeds a token without keeping it
@@ -18,10 +22,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from PIL import Image
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from halluscope.decoding.attention import set_columns
+from halluscope.decoding.attention import editing, set_columns
 from halluscope.decoding.methods.early_exit import early_exit_logits
 from halluscope.errors import InputError
 from halluscope.images import ImageLike
@@ -52,17 +57,17 @@ def encode_text(vlm, prompts: Sequence[str]) -> Batch:
     return Batch(inputs, no_image, [[] for _ in prompts])
 
 
-def branch_batch(vlm, pairs: Sequence[tuple[ImageLike | None, str]]) -> Batch:
-    """A branch's rows: `VLM.encode` when every pair has an image, `encode_text` when none has.
+def branch_batch(vlm, pairs: Sequence[tuple[ImageLike | None, str]]) -> SourcedBatch:
+    """A branch's rows, carrying their pairs: `VLM.encode` when every pair has an image, `encode_text` when none
+    has.
 
     Raises:
         InputError: some pairs have an image and others not (a branch is one kind of input).
     """
     with_image = [image is not None for image, _ in pairs]
-    if all(with_image):
-        return vlm.encode(list(pairs))
-    if not any(with_image):
-        return encode_text(vlm, [prompt for _, prompt in pairs])
+    if all(with_image) or not any(with_image):
+        batch = vlm.encode(list(pairs)) if all(with_image) else encode_text(vlm, [prompt for _, prompt in pairs])
+        return SourcedBatch(batch.inputs, batch.image_mask, batch.image_spans, pairs=list(pairs))
     raise InputError("a branch mixes rows with and without an image; give every row of a branch an image or none")
 
 
@@ -107,6 +112,64 @@ def _joinable_groups(batches: Sequence[Batch]) -> list[list[int]]:
         key = tuple((name, tuple(value.shape[1:])) for name, value in sorted(batch.inputs.items()))
         groups.setdefault(key, []).append(index)
     return list(groups.values())
+
+
+def _same_image(a: ImageLike | None, b: ImageLike | None) -> bool:
+    if a is None or b is None:
+        return False
+    if a is b:
+        return True
+    return isinstance(a, Image.Image) and isinstance(b, Image.Image) and a.size == b.size and a.mode == b.mode \
+        and a.tobytes() == b.tobytes()
+
+
+def shared_prefixes(real: Batch, branch: Batch) -> list[int] | None:
+    """Per row, how many leading tokens of the branch's row equal the real row's and may reuse its keys and
+    values: the common token prefix, cut before the first image token unless both rows hold the same image, and
+    short of the branch row's last token; None unless every row shares one or more and the rest of each branch
+    row holds no image token (its continuation then runs without the vision tower)."""
+    same = [False] * len(real)
+    real_pairs, branch_pairs = getattr(real, "pairs", None), getattr(branch, "pairs", None)
+    if real_pairs and branch_pairs:
+        same = [_same_image(a[0], b[0]) for a, b in zip(real_pairs, branch_pairs)]
+    prefixes = []
+    for r in range(len(real)):
+        keep_real, keep_branch = real.attention_mask[r].bool(), branch.attention_mask[r].bool()
+        ids, other = real.input_ids[r][keep_real], branch.input_ids[r][keep_branch]
+        image, other_image = real.image_mask[r][keep_real], branch.image_mask[r][keep_branch]
+        length = min(len(ids), len(other) - 1)
+        differ = (ids[:length] != other[:length]).nonzero()
+        common = int(differ[0]) if len(differ) else length
+        if not same[r] and bool(image.any()):
+            common = min(common, int(image.nonzero()[0]))
+        if common < 1 or bool(other_image[common:].any()):
+            return None
+        prefixes.append(common)
+    return prefixes
+
+
+def _continue_prefixes(vlm, branch: Batch, cached: list[list[tuple[torch.Tensor, torch.Tensor]]]):
+    """Each branch row's prefill from the keys and values of its first tokens (`cached`, per row and layer
+    [1, heads, prefix, head_dim]): one forward of the rest of every row, positions and mask as in a full prefill.
+    Returns the last-position logits [rows, vocab] and every row's whole cache (per layer keys, values)."""
+    prefix = [kv[0][0].shape[2] for kv in cached]
+    keep = branch.attention_mask.bool()
+    rests = [branch.input_ids[r][keep[r]][p:] for r, p in enumerate(prefix)]
+    width = max(len(t) for t in rests)
+    cache, mask, start = pack_caches(cached, width)
+    tokens = branch.input_ids.new_zeros(len(rests), width)
+    rest_mask = mask.new_zeros(len(rests), width)
+    full_pos = prefill_positions(vlm, branch)
+    pos = full_pos.new_zeros(*full_pos.shape[:-2], len(rests), width)
+    for r, rest in enumerate(rests):
+        tokens[r, width - len(rest):], rest_mask[r, width - len(rest):] = rest, 1
+        pos[..., r, width - len(rest):] = full_pos[..., r, -len(rest):]
+    out = vlm.text_model(input_ids=tokens, attention_mask=torch.cat([mask, rest_mask], 1), position_ids=pos,
+                         use_cache=True, **{cache_argument(vlm.text_model): cache})
+    kept = [[(torch.cat([layer.keys[r:r + 1, :, start - p:start], layer.keys[r:r + 1, :, -len(rest):]], 2),
+              torch.cat([layer.values[r:r + 1, :, start - p:start], layer.values[r:r + 1, :, -len(rest):]], 2))
+             for layer in cache.layers] for r, (p, rest) in enumerate(zip(prefix, rests))]
+    return vlm.lm_head(out.last_hidden_state[:, -1]), kept
 
 
 def _cache(layers: Sequence[DynamicLayer]) -> DynamicCache:
@@ -168,7 +231,10 @@ class Rows:
         positions: list[Any] = [None] * (n * len(batches))
         images: list[Any] = [None] * (n * len(batches))
         exits = None
-        for group in _joinable_groups(batches):
+        shared = {} if editing() else {b: shared_prefixes(batches[0], batches[b]) for b in range(1, len(batches))}
+        shared = {b: prefixes for b, prefixes in shared.items() if prefixes is not None}
+        full = [b for b in range(len(batches)) if b not in shared]
+        for group in ([full[i] for i in g] for g in _joinable_groups([batches[b] for b in full])):
             joined = join_batches([batches[i] for i in group])
             pos = prefill_positions(vlm, joined)
             set_columns(joined.image_mask, joined.attention_mask)
@@ -189,6 +255,16 @@ class Rows:
                     logits[row] = out.logits[g, -1]
                     positions[row] = pos[..., g, -1]
                     images[row] = joined.image_mask[g, -length:]
+        for b, prefixes in shared.items():
+            cached = [[(k[:, :, :p], v[:, :, :p]) for k, v in per_row[r]] for r, p in enumerate(prefixes)]
+            rows_b = range(b * n, (b + 1) * n)
+            last, kept = _continue_prefixes(vlm, batches[b], cached)
+            pos = prefill_positions(vlm, batches[b])
+            lengths = batches[b].attention_mask.sum(1).tolist()
+            for r, row in enumerate(rows_b):
+                per_row[row], logits[row] = kept[r], last[r]
+                positions[row] = pos[..., r, -1]
+                images[row] = batches[b].image_mask[r, -int(lengths[r]):]
         packed, mask, width = pack_caches(per_row, max_new_tokens)
         image_columns = torch.zeros(len(per_row), width + max_new_tokens, dtype=torch.bool, device=vlm.device)
         for row, columns in enumerate(images):

@@ -32,7 +32,8 @@ class ICDConfig(MethodConfig):
 
 class ICD(DecodingMethod):
     """Contrast with a disturbance-prefixed prompt (Wang et al., ACL Findings 2024, arXiv:2403.18715): one
-    extra branch, the same image, prefilled on its own (its prompt is longer) and decoded in the same forwards."""
+    extra branch, the same image, continued from the real rows' keys and values up to where its text differs (no
+    second vision pass) and decoded in the same forwards."""
 
     name = "icd"
     Config = ICDConfig
