@@ -19,7 +19,7 @@ import torch
 from halluscope.decoding.methods.base import DecodingMethod, MethodConfig, ranged
 from halluscope.decoding.methods.early_exit import early_exit_window
 
-__all__ = ["DeCo", "DeCoConfig", "candidate_tokens"]
+__all__ = ["DeCo", "DeCoConfig", "candidate_tokens", "top_candidates"]
 
 
 @dataclass(frozen=True)
@@ -31,13 +31,18 @@ class DeCoConfig(MethodConfig):
     end_layer: int | None = ranged(None, 1, integer=True, doc="layer after the window's last; None: the paper's")
 
 
-def candidate_tokens(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """The candidates of every row of `logits` [batch, vocab]: its `top_k` most likely tokens, kept while the
-    probability before them is below `top_p` (so the most likely token always stays). A bool mask like `logits`."""
+def top_candidates(logits: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every row's `top_k` most likely tokens [batch, k] and which of them are candidates [batch, k]: those with
+    the probability before them below `top_p` (so the most likely token always is one)."""
     probs = torch.softmax(logits.float(), -1)
     top, index = probs.topk(min(top_k, probs.shape[-1]), -1)
-    keep = top.cumsum(-1) - top < top_p
-    return torch.zeros_like(probs, dtype=torch.bool).scatter(-1, index, keep)
+    return index, top.cumsum(-1) - top < top_p
+
+
+def candidate_tokens(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """The candidates of every row of `logits` [batch, vocab] (`top_candidates`) as a bool mask like `logits`."""
+    index, keep = top_candidates(logits, top_k, top_p)
+    return torch.zeros_like(logits, dtype=torch.bool).scatter(-1, index, keep)
 
 
 class DeCo(DecodingMethod):
@@ -57,10 +62,12 @@ class DeCo(DecodingMethod):
         real = context.logits[0]
         if c.alpha == 0:  # neutral: plain decoding, with no candidate mask either (it would change beam scores)
             return real
-        allowed = candidate_tokens(real, c.top_k, c.top_p)
-        early = context.early
-        probs = torch.softmax(early, -1).masked_fill(~allowed, -1.0)  # [window, batch, vocab]
-        conf, flat = probs.transpose(0, 1).flatten(1).max(-1)  # per row, over (layer, candidate)
-        anchor = early[flat // early.shape[-1], torch.arange(real.shape[0], device=real.device)]
+        index, keep = top_candidates(real, c.top_k, c.top_p)
+        early = context.early  # [window, batch, vocab]
+        # each layer's probability of each candidate: only the candidates' logits need the layer's normalizer
+        picked = early.gather(-1, index.expand(early.shape[0], -1, -1)) - early.logsumexp(-1, keepdim=True)
+        conf, flat = picked.exp().masked_fill(~keep, -1.0).transpose(0, 1).flatten(1).max(-1)  # over (layer, cand.)
+        anchor = early[flat // index.shape[-1], torch.arange(real.shape[0], device=real.device)]
         scores = real.float() + c.alpha * conf[:, None] * anchor
+        allowed = torch.zeros_like(real, dtype=torch.bool).scatter(-1, index, keep)
         return scores.masked_fill(~allowed, float("-inf"))
