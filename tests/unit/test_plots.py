@@ -172,3 +172,14 @@ def test_caption_dodge_and_titles() -> None:
     title = figure.fitted_title(fig, "copy rate with " + ",".join(f"L{i}H{i}" for i in range(30)))
     assert max(len(line) for line in title.splitlines()) <= 4.0 * 72 / (0.55 * 12)
     assert figure.axis_labels("count") == ("true count", "offset") and figure.is_negligible([1e-5, -2e-4])
+
+
+def test_every_plot_function_of_a_figure_module_is_exported_from_the_package():
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.iter_modules(plots.__path__):
+        names = getattr(importlib.import_module(f"halluscope.plots.{module.name}"), "__all__", [])
+        for name in (n for n in names if n.startswith("plot_")):
+            assert name in plots.__all__, f"halluscope.plots does not export {module.name}.{name}"
+            assert getattr(plots, name) is getattr(importlib.import_module(f"halluscope.plots.{module.name}"), name)

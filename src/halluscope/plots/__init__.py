@@ -1,5 +1,5 @@
-"""Every figure halluscope draws: the PNG figures of runs (`run_figures`), analyses (`analysis_figures`) and
-benchmarks (`bench_figures`), their shared plumbing (`figure`, `intervals`), and the interactive HTML page of a
+"""Every figure halluscope draws: the PNG figures of runs (`run_figures`), analyses (`analysis_figures`),
+benchmarks (`bench_figures`) and ALEAHallu's located layers (`alea_figures`), their shared plumbing (`figure`, `intervals`), and the interactive HTML page of a
 run (`interactive_figures`, `report_sections`, `html_report`).
 
 Names are re-exported lazily, so `import halluscope.plots` loads neither matplotlib nor plotly until a figure
@@ -17,6 +17,7 @@ _MODULES = {
     "analysis_figures": ["attention_plots", "plot_attention_map", "plot_layer_shares", "plot_lens",
                          "plot_probability_shift"],
     "bench_figures": ["plot_chair", "plot_pope"],
+    "alea_figures": ["plot_differentials"],
     "intervals": ["mean_intervals", "wilson_interval", "with_intervals"],
     "html_report": ["render_report", "report_step"],
 }
