@@ -37,6 +37,7 @@ It is not a dependency: put a `pip install --no-deps mitigv` target on PYTHONPAT
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import statistics
 import sys
@@ -141,15 +142,18 @@ def ratios(timings: dict[str, dict[str, list]], name: str, reference: str, measu
             return tokens / seconds
         if measure == "prefill":
             return one_tokens / one_seconds
-        return (tokens - one_tokens) / max(seconds - one_seconds, 1e-9)
+        steps = seconds - one_seconds
+        return (tokens - one_tokens) / steps if steps > 0 and tokens > one_tokens else math.nan
 
     a, b = timings[name], timings[reference]
-    return [speed(a, i) / speed(b, i) for i in range(len(a["full"]))]
+    return [speed(a, i) / speed(b, i) if speed(b, i) > 0 else math.nan for i in range(len(a["full"]))]
 
 
-def ratio(timings: dict[str, dict[str, list]], name: str, measure: str) -> float:
-    """Median over repetitions of `name`'s speed over greedy's."""
-    return statistics.median(ratios(timings, name, "greedy", measure))
+def ratio(timings: dict[str, dict[str, list]], name: str, measure: str, reference: str = "greedy") -> float:
+    """Median over repetitions of `name`'s speed over `reference`'s (nan if no repetition measured it: every
+    reply ended at its first token)."""
+    values = [r for r in ratios(timings, name, reference, measure) if not math.isnan(r)]
+    return statistics.median(values) if values else math.nan
 
 
 def main() -> None:
@@ -161,6 +165,8 @@ def main() -> None:
     parser.add_argument("--methods", default="all",
                         help="comma-separated method names to time (default: every registered method)")
     args = parser.parse_args()
+    if args.max_new_tokens < 2:
+        parser.error("--max-new-tokens must be >= 2: the per-step ratio is the full call less a one-token call")
     torch.set_num_threads(args.threads)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -173,7 +179,7 @@ def main() -> None:
                if s.kind == "misleading"][:args.prompts]
     pairs = [(s.image, s.prompt) for s in samples]
     names = [n for n in available_methods() if n != "greedy"] if args.methods == "all" else \
-        [n.strip() for n in args.methods.split(",") if n.strip()]
+        [n.strip() for n in args.methods.split(",") if n.strip() and n.strip() != "greedy"]
     methods = {name: build_method(name, **SETTINGS.get(name, {})) for name in names}
     print(f"{len(pairs)} prompts x {args.max_new_tokens} new tokens, {args.repetitions} repetitions; torch "
           f"{torch.__version__}, transformers {transformers.__version__}; threads {args.threads}; "
@@ -194,7 +200,7 @@ def main() -> None:
                 if name in TARGETS else ""
             print(f"  {name:>10}  call {ratio(timings, name, 'call'):5.2f}x  step {ratio(timings, name, 'step'):5.2f}x"
                   f"  prefill {ratio(timings, name, 'prefill'):5.2f}x  vs loop "
-                  f"{statistics.median(ratios(timings, name, 'loop', 'call')):5.2f}x{target}")
+                  f"{ratio(timings, name, 'call', 'loop'):5.2f}x{target}")
         if "mitigv-vcd" in timings:
             print(f"MitigV's VCD on {label} (one prompt per call, its noised branch a second forward): "
                   f"{ratio(timings, 'mitigv-vcd', 'call'):.2f}x greedy generate, {ratio(timings, 'vcd', 'call'):.2f}x "

@@ -78,13 +78,32 @@ def test_branch_rows_reuse_the_real_rows_keys_over_their_common_prefix(vlm):
 
     encoded = vlm.encode(PAIRS)
     batch = SourcedBatch(encoded.inputs, encoded.image_mask, encoded.image_spans, pairs=PAIRS)
-    disturbed = shared_prefixes(batch, branch_batch(vlm, BRANCHES["disturbed"](PAIRS)))
-    no_image = shared_prefixes(batch, branch_batch(vlm, BRANCHES["no-image"](PAIRS)))
+    disturbed = shared_prefixes(vlm, batch, branch_batch(vlm, BRANCHES["disturbed"](PAIRS)))
+    no_image = shared_prefixes(vlm, batch, branch_batch(vlm, BRANCHES["no-image"](PAIRS)))
     for r in range(len(PAIRS)):
         image_columns = batch.image_mask[r][batch.attention_mask[r].bool()].nonzero().flatten()
         assert disturbed[r] > int(image_columns[-1])
         assert no_image is None or no_image[r] <= int(image_columns[0])
-    assert shared_prefixes(batch, branch_batch(vlm, BRANCHES["perturbed"](PAIRS))) is None
+    assert shared_prefixes(vlm, batch, branch_batch(vlm, BRANCHES["perturbed"](PAIRS))) is None
+
+
+def test_a_branch_image_with_the_same_raw_bytes_but_other_colours_is_not_shared(vlm):
+    """Two palette images with the same indices and different palettes are different pictures: a branch of the
+    second image may share only the text before the image."""
+    from halluscope.decoding.branches import shared_prefixes
+
+    indices = np.arange(112 * 112, dtype=np.uint8).reshape(112, 112) % 4
+    first, second = (Image.fromarray(indices, mode="P") for _ in range(2))
+    first.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * 756)
+    second.putpalette([255, 255, 255, 0, 0, 255, 0, 255, 0, 255, 0, 0] + [0] * 756)
+    assert first.tobytes() == second.tobytes()
+    pairs = [(first, "How many circles?")]
+    encoded = vlm.encode(pairs)
+    batch = SourcedBatch(encoded.inputs, encoded.image_mask, encoded.image_spans, pairs=pairs)
+    image_start = int(batch.image_mask[0][batch.attention_mask[0].bool()].nonzero()[0])
+    same = shared_prefixes(vlm, batch, branch_batch(vlm, [(first.copy(), "Be vague. How many circles?")]))
+    assert same is not None and same[0] > image_start
+    assert shared_prefixes(vlm, batch, branch_batch(vlm, [(second, "Be vague. How many circles?")])) is None
 
 
 class _EarlyRecorder(_Recorder):

@@ -181,6 +181,8 @@ def test_dola_picks_the_most_divergent_layer_and_contrasts_with_it():
     from halluscope.decoding.methods.dola import candidate_layers, jensen_shannon
 
     assert candidate_layers("high", 8) == [4, 6] and candidate_layers("low", 8) == [0, 2]
+    with pytest.raises(InputError, match=r"dola layers 'low' select no layer of this 1-layer model"):
+        candidate_layers("low", 1)
     p = torch.log_softmax(torch.tensor([2.0, 0.0, 0.0]), -1)
     assert jensen_shannon(p, p).abs().item() < 1e-7
     q = torch.log_softmax(torch.tensor([0.0, 2.0, 0.0]), -1)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from halluscope.decoding import build_method, decode_ids, get_method, mitigate
+from halluscope.decoding import build_method, decode, decode_ids, get_method, mitigate
 from halluscope.decoding.branches import encode_text
 from halluscope.decoding.loop import StepContext
 from halluscope.decoding.methods.early_exit import early_exit_window
@@ -280,3 +280,14 @@ def test_settings_that_do_not_fit_the_model_fail_in_one_line(vlm, name, settings
 def test_methods_scored_against_the_no_image_twin_need_the_batch_pairs(vlm, name):
     with pytest.raises(InputError, match=r"encode the batch inside `with halluscope.mitigate"):
         decode_ids(vlm, vlm.encode(PAIRS), build_method(name), max_new_tokens=1)
+
+
+@ONE_FAMILY
+@pytest.mark.parametrize("name", ["vhr", "vista"])
+def test_per_prompt_state_follows_the_beams(vlm, name):
+    """VHR's head scales and VISTA's steering vectors are per prompt: under beam search each row's beams keep
+    their prompt's, so a batch of two prompts decodes each as it decodes alone."""
+    method = build_method(name, **({"scale": 2.0} if name == "vhr" else {}))
+    together = decode(vlm, PAIRS, method=method, max_new_tokens=5, num_beams=2)
+    alone = [decode(vlm, [pair], method=method, max_new_tokens=5, num_beams=2)[0] for pair in PAIRS]
+    assert together == alone

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from PIL import Image
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -114,16 +113,17 @@ def _joinable_groups(batches: Sequence[Batch]) -> list[list[int]]:
     return list(groups.values())
 
 
-def _same_image(a: ImageLike | None, b: ImageLike | None) -> bool:
+def _same_image(vlm, a: ImageLike | None, b: ImageLike | None) -> bool:
+    """True if `a` and `b` reach the processor as the same pixels (after decoding, orientation and upscaling)."""
     if a is None or b is None:
         return False
     if a is b:
         return True
-    return isinstance(a, Image.Image) and isinstance(b, Image.Image) and a.size == b.size and a.mode == b.mode \
-        and a.tobytes() == b.tobytes()
+    a, b = vlm.prepared_image(a), vlm.prepared_image(b)
+    return a.size == b.size and a.mode == b.mode and a.tobytes() == b.tobytes()
 
 
-def shared_prefixes(real: Batch, branch: Batch) -> list[int] | None:
+def shared_prefixes(vlm, real: Batch, branch: Batch) -> list[int] | None:
     """Per row, how many leading tokens of the branch's row equal the real row's and may reuse its keys and
     values: the common token prefix, cut before the first image token unless both rows hold the same image, and
     short of the branch row's last token; None unless every row shares one or more and the rest of each branch
@@ -131,7 +131,7 @@ def shared_prefixes(real: Batch, branch: Batch) -> list[int] | None:
     same = [False] * len(real)
     real_pairs, branch_pairs = getattr(real, "pairs", None), getattr(branch, "pairs", None)
     if real_pairs and branch_pairs:
-        same = [_same_image(a[0], b[0]) for a, b in zip(real_pairs, branch_pairs)]
+        same = [_same_image(vlm, a[0], b[0]) for a, b in zip(real_pairs, branch_pairs)]
     prefixes = []
     for r in range(len(real)):
         keep_real, keep_branch = real.attention_mask[r].bool(), branch.attention_mask[r].bool()
@@ -151,7 +151,8 @@ def shared_prefixes(real: Batch, branch: Batch) -> list[int] | None:
 def _continue_prefixes(vlm, branch: Batch, cached: list[list[tuple[torch.Tensor, torch.Tensor]]]):
     """Each branch row's prefill from the keys and values of its first tokens (`cached`, per row and layer
     [1, heads, prefix, head_dim]): one forward of the rest of every row, positions and mask as in a full prefill.
-    Returns the last-position logits [rows, vocab] and every row's whole cache (per layer keys, values)."""
+    Returns the last-position logits [rows, vocab], every row's whole cache (per layer keys, values) and the
+    branch's prefill positions (as `prefill_positions`)."""
     prefix = [kv[0][0].shape[2] for kv in cached]
     keep = branch.attention_mask.bool()
     rests = [branch.input_ids[r][keep[r]][p:] for r, p in enumerate(prefix)]
@@ -169,7 +170,7 @@ def _continue_prefixes(vlm, branch: Batch, cached: list[list[tuple[torch.Tensor,
     kept = [[(torch.cat([layer.keys[r:r + 1, :, start - p:start], layer.keys[r:r + 1, :, -len(rest):]], 2),
               torch.cat([layer.values[r:r + 1, :, start - p:start], layer.values[r:r + 1, :, -len(rest):]], 2))
              for layer in cache.layers] for r, (p, rest) in enumerate(zip(prefix, rests))]
-    return vlm.lm_head(out.last_hidden_state[:, -1]), kept
+    return vlm.lm_head(out.last_hidden_state[:, -1]), kept, full_pos
 
 
 def _cache(layers: Sequence[DynamicLayer]) -> DynamicCache:
@@ -231,7 +232,8 @@ class Rows:
         positions: list[Any] = [None] * (n * len(batches))
         images: list[Any] = [None] * (n * len(batches))
         exits = None
-        shared = {} if editing() else {b: shared_prefixes(batches[0], batches[b]) for b in range(1, len(batches))}
+        shared = {} if editing() else {b: shared_prefixes(vlm, batches[0], batches[b])
+                                      for b in range(1, len(batches))}
         shared = {b: prefixes for b, prefixes in shared.items() if prefixes is not None}
         full = [b for b in range(len(batches)) if b not in shared]
         for group in ([full[i] for i in g] for g in _joinable_groups([batches[b] for b in full])):
@@ -258,8 +260,7 @@ class Rows:
         for b, prefixes in shared.items():
             cached = [[(k[:, :, :p], v[:, :, :p]) for k, v in per_row[r]] for r, p in enumerate(prefixes)]
             rows_b = range(b * n, (b + 1) * n)
-            last, kept = _continue_prefixes(vlm, batches[b], cached)
-            pos = prefill_positions(vlm, batches[b])
+            last, kept, pos = _continue_prefixes(vlm, batches[b], cached)
             lengths = batches[b].attention_mask.sum(1).tolist()
             for r, row in enumerate(rows_b):
                 per_row[row], logits[row] = kept[r], last[r]

@@ -248,6 +248,7 @@ def _search(vlm, method: DecodingMethod, rows: Rows, logits: torch.Tensor, early
     copies = part.to(vlm.device).repeat_interleave(beams)
     index = rows.index(copies)
     rows, logits = rows.select(copies), logits[index]
+    method.expand(copies)
     early = None if early is None else early[:, copies]
     branches, groups = rows.mask.shape[0] // rows.n, len(part)
     state = _Beams.start(groups, beams, max_new_tokens, fill, vlm.device)

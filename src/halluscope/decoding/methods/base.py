@@ -2,10 +2,10 @@
 
 A method says what it needs (`branches`: second inputs run as extra rows; `early_exit`: layers read out through
 lm_head; `applied`: edits to the model for the whole call) and how a step's scores come from them
-(`step_logits`). A method that runs its
-own beam search (OPERA) has a `num_beams` setting, follows the beams' reordering (`reorder`) and may send the
-search back to an earlier position (`rewinds`, `rewind`). Plain decoding is the base class itself: no branches,
-no edits, the real rows' logits.
+(`step_logits`). Under beam search, per-row state follows the rows as the loop copies them into beams (`expand`)
+and reorders them (`reorder`). A method that runs its own beam search (OPERA) has a `num_beams` setting and may
+send the search back to an earlier position (`rewinds`, `rewind`). Plain decoding is the base class itself: no
+branches, no edits, the real rows' logits.
 """
 
 from __future__ import annotations
@@ -135,6 +135,10 @@ class DecodingMethod:
         """True if `rewind` may send the search back; the loop then keeps each step's beams and decodes one row at
         a time."""
         return False
+
+    def expand(self, index: torch.Tensor) -> None:
+        """Beam search copied the real rows into beams: row i is now row `index[i]` of the batch `applied` got
+        [rows]; per-row state (a score or vector per prompt) follows, taken from that batch's."""
 
     def reorder(self, index: torch.Tensor) -> None:
         """Beam search kept and reordered the rows: row i is now old row `index[i]` [rows]; per-row state follows."""

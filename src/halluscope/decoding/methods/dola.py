@@ -39,13 +39,14 @@ class DoLaConfig(MethodConfig):
 def candidate_layers(spec: str, n_layers: int) -> list[int]:
     """The candidate premature layers (hidden-state indices, 0 = embeddings) of a model with `n_layers`."""
     text = spec.strip().lower()
-    if text == "high":
-        return list(range(n_layers // 2, n_layers, 2))
-    if text == "low":
-        return list(range(0, n_layers // 2, 2))
-    layers = sorted({int(p) for p in text.split(",") if p.strip()})
+    if text in ("high", "low"):
+        half = n_layers // 2
+        layers = list(range(half, n_layers, 2) if text == "high" else range(0, half, 2))
+    else:
+        layers = sorted({int(p) for p in text.split(",") if p.strip()})
     if not layers or layers[-1] >= n_layers:
-        raise InputError(f"dola layers {spec!r} do not fit this model; pass indices in 0..{n_layers - 1}")
+        raise InputError(f"dola layers {spec!r} select no layer of this {n_layers}-layer model; pass indices in "
+                         f"0..{n_layers - 1}")
     return layers
 
 

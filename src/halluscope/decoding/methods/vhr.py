@@ -76,6 +76,13 @@ class VHR(DecodingMethod):
     Config = VHRConfig
     needs_pairs = True
 
+    def __init__(self, **settings) -> None:
+        super().__init__(**settings)
+        # while scaling: each prompt's head scales [batch, layer, head], those of the rows being decoded, the hooks
+        self._prompts: torch.Tensor | None = None
+        self._scales: torch.Tensor | None = None
+        self._hooks = None
+
     @contextmanager
     def applied(self, vlm, batch) -> Iterator[None]:
         from halluscope.interventions.heads import HeadHooks
@@ -87,6 +94,21 @@ class VHR(DecodingMethod):
             return
         count = c.count(len(layers) * vlm.n_heads)
         chosen = select_heads(head_divergence(vlm, batch, no_image_twin(self, vlm, batch)), layers, count)
+        self._prompts = self._scales = torch.where(chosen, c.scale, 1.0)
         with HeadHooks(vlm) as hooks:
-            hooks.set(torch.where(chosen, c.scale, 1.0), mode="scale")
-            yield
+            self._hooks = hooks
+            hooks.set(self._scales, mode="scale")
+            try:
+                yield
+            finally:
+                self._hooks = self._prompts = self._scales = None
+
+    def expand(self, index: torch.Tensor) -> None:
+        if self._hooks is not None:
+            self._scales = self._prompts[index]
+            self._hooks.set(self._scales, mode="scale")
+
+    def reorder(self, index: torch.Tensor) -> None:
+        if self._hooks is not None:
+            self._scales = self._scales[index]
+            self._hooks.set(self._scales, mode="scale")

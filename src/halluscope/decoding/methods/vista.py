@@ -63,6 +63,12 @@ class VISTA(DecodingMethod):
     Config = VISTAConfig
     needs_pairs = True
 
+    def __init__(self, **settings) -> None:
+        super().__init__(**settings)
+        # while steering: each prompt's unit vectors [layer, batch, hidden], and those of the rows being decoded
+        self._prompts: torch.Tensor | None = None
+        self._directions: torch.Tensor | None = None
+
     def early_exit(self, vlm) -> list[int]:
         c = self.config
         window = early_exit_window(vlm.n_layers, c.start_layer, c.end_layer, (25, 30), "vista")
@@ -74,22 +80,32 @@ class VISTA(DecodingMethod):
         handles = []
         try:
             if c.lam > 0:
-                directions = F.normalize(steering_vectors(vlm, batch, no_image_twin(self, vlm, batch)), dim=-1)
+                self._prompts = F.normalize(steering_vectors(vlm, batch, no_image_twin(self, vlm, batch)), dim=-1)
+                self._directions = self._prompts
                 for layer, module in enumerate(vlm.layers):
                     # prepended, so the hidden states transformers records (and SLA reads) are the steered ones
-                    handles.append(module.register_forward_hook(self._hook(directions[layer]), prepend=True))
+                    handles.append(module.register_forward_hook(self._hook(layer), prepend=True))
             yield
         finally:
             for handle in handles:
                 handle.remove()
+            self._prompts = self._directions = None
 
-    def _hook(self, direction: torch.Tensor):
+    def _hook(self, layer: int):
         lam = self.config.lam
 
         def hook(module, args, output):
-            return steer(output, direction, lam)
+            return steer(output, self._directions[layer], lam)
 
         return hook
+
+    def expand(self, index: torch.Tensor) -> None:
+        if self._prompts is not None:
+            self._directions = self._prompts[:, index]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        if self._directions is not None:
+            self._directions = self._directions[:, index]
 
     def step_logits(self, context):
         real = context.logits[0]
