@@ -18,7 +18,7 @@ Targets: methods with a second branch (VCD, M3ID, ICD, RITUAL, PAI) >= 0.75x for
 branch runs as extra rows of the same forward; methods with no extra forward per token >= 0.9x: DoLa, VAF, heads
 and DeCo for the whole call, VHR and VISTA per decoding step (the issue's "per token": each pays two prefills per
 call for its per-prompt scores, which no decoding can hide at short replies). OPERA is a search method, not a
-rescoring of greedy decoding (5 beams, one look-ahead forward per candidate, and rows searched one at a time
+rescoring of greedy decoding (5 beams, a look-ahead forward of every beam's candidates per step, and rows searched one at a time
 while it may roll back), so it has no ratio target: its line shows what the search costs. The last lines give
 one ratio per method, the lower of the two models' (whole call, or per step for VHR and VISTA):
 `decode <method> <ratio>x`. The default reply length, 64 tokens, is a short caption (CHAIR's captions run

@@ -132,6 +132,34 @@ def test_peek_sees_the_step_attention_and_leaves_the_rows_as_they_were(vlm):
         assert torch.equal(stepped, plain.step(vlm, token)[0])
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+@pytest.mark.parametrize("spare", [4, 1])  # room for every alternative's column in the buffers, and too little
+def test_alternatives_peeked_together_see_what_each_sees_alone(vlm, spare):
+    """k alternatives in one look-ahead forward: each query's attention over the cache and its own column equals
+    a look-ahead of that token alone, at every layer's observer, whether the buffers have room or not."""
+    batch = vlm.encode(PAIRS)
+    seen = []
+    last = frozenset({vlm.n_layers - 1})
+    with score_edit(vlm, ScoreEdit(last, None, lambda probs: seen.append(probs.clone()))):
+        rows, logits, _ = Rows.prefill(vlm, [batch], spare)
+        alternatives = logits.topk(3, -1).indices
+        seen.clear()
+        for k in range(3):
+            rows.peek(vlm, alternatives[:, k])
+        rows.peek(vlm, alternatives)
+        width = rows.mask.shape[1]
+        together = seen[3]  # [rows, heads, 3 queries, width + 3 keys]
+        for k in range(3):
+            alone = seen[k][:, :, 0]  # [rows, heads, width + 1 keys]
+            mine = torch.cat([together[:, :, k, :width], together[:, :, k, width + k:width + k + 1]], -1)
+            torch.testing.assert_close(mine, alone, atol=1e-6, rtol=0)
+            others = [width + j for j in range(3) if j != k]
+            assert not together[:, :, k, others].any()
+        stepped, _ = rows.step(vlm, alternatives[:, 0])
+        plain = Rows.prefill(vlm, [batch], spare)[0]
+        assert torch.equal(stepped, plain.step(vlm, alternatives[:, 0])[0])
+
+
 @ONE_FAMILY
 def test_rewind_rebuilds_the_cache_of_its_tokens(vlm):
     batch = vlm.encode(PAIRS)

@@ -181,7 +181,8 @@ def _cache(layers: Sequence[DynamicLayer]) -> DynamicCache:
 
 class _Lookahead(DynamicLayer):
     """A `BufferedLayer` read as it is, plus the positions of one more forward written into its spare buffer
-    columns without advancing it: the layer's next real update overwrites them."""
+    columns without advancing it (the layer's next real update overwrites them), or appended to a copy when the
+    spare columns are too few."""
 
     def __init__(self, layer: BufferedLayer) -> None:
         super().__init__()
@@ -191,6 +192,8 @@ class _Lookahead(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         start = self.layer.keys.shape[2]
         end = start + key_states.shape[2]
+        if end > self.layer.buffers[0].shape[2]:  # fewer spare columns than positions: a copy, near the end only
+            return torch.cat([self.layer.keys, key_states], 2), torch.cat([self.layer.values, value_states], 2)
         for buffer, states in zip(self.layer.buffers, (key_states, value_states)):
             buffer[:, :, start:end] = states
         return tuple(buffer[:, :, :end] for buffer in self.layer.buffers)
@@ -313,13 +316,22 @@ class Rows:
 
     @torch.inference_mode()
     def peek(self, vlm, tokens: torch.Tensor) -> None:
-        """Run one token per row [rows] through the model without keeping it (the rows are left as they were):
-        what an attention observer sees is the attention those tokens would get if they were picked."""
-        mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], 1)
-        set_columns(self.image_columns[:, :mask.shape[1]], mask)
+        """Run one token per row [rows], or k alternatives per row [rows, k], through the model without keeping
+        them (the rows are left as they were): what an attention observer sees is the attention each token would
+        get if it were picked. Alternatives run in one forward at the same position, each attending to the cache
+        and to itself only (a 4-D mask), so the observer sees k queries over the cache and the k new columns."""
+        tokens = tokens if tokens.dim() == 2 else tokens[:, None]
+        rows, k = tokens.shape
+        width = self.mask.shape[1]
+        mask = torch.cat([self.mask, self.mask.new_ones(rows, k)], 1)
+        image = self.image_columns[:, :width + k]  # decoded columns never hold image tokens
+        set_columns(torch.cat([image, image.new_zeros(rows, width + k - image.shape[1])], 1), mask)
+        if k > 1:
+            own = torch.eye(k, dtype=torch.bool, device=tokens.device).expand(rows, k, k)
+            mask = torch.cat([self.mask.bool()[:, None].expand(rows, k, width), own], 2)[:, None]
         cache = _cache([_Lookahead(layer) for layer in self.cache.layers])
-        vlm.text_model(input_ids=tokens[:, None], attention_mask=mask, position_ids=self.next_position[..., None],
-                       use_cache=True, **{cache_argument(vlm.text_model): cache})
+        vlm.text_model(input_ids=tokens, attention_mask=mask, position_ids=self.next_position[..., None].expand(
+            *self.next_position.shape, k), use_cache=True, **{cache_argument(vlm.text_model): cache})
 
     @torch.inference_mode()
     def rewind(self, vlm, tokens: torch.Tensor,

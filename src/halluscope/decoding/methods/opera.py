@@ -87,7 +87,7 @@ def rollback_position(leads: torch.Tensor, step: int, config: OPERAConfig, rollb
 
 class OPERA(DecodingMethod):
     """Over-trust penalty and retrospection-allocation (Huang et al., CVPR 2024, arXiv:2311.17911): beam search
-    whose candidates each cost one look-ahead forward, reading the last layer's attention through the attention
+    whose candidates share one look-ahead forward per step, reading the last layer's attention through the attention
     function (eager attention in that layer only)."""
 
     name = "opera"
@@ -98,7 +98,7 @@ class OPERA(DecodingMethod):
         self._vlm = None  # while decoding with the penalty or the rollback on
         self._width: int | None = None  # prompt columns of the cache, known from the first step
         self._seen = torch.zeros(0, 0, 0)  # [rows, reply, reply]: each reply token's attention to the reply
-        self._ahead: list[torch.Tensor] | None = None  # while looking ahead: each candidate's attention [rows, keys]
+        self._ahead: list[torch.Tensor] | None = None  # while looking ahead: the candidates' attention [rows, k, keys]
         self._leads: list[torch.Tensor] = []  # per step: each beam's leading column [rows]
         self._rollbacks: dict[int, int] = {}
         self._back: int | None = None
@@ -122,14 +122,16 @@ class OPERA(DecodingMethod):
             self._vlm, self._seen, self._leads = None, torch.zeros(0, 0, 0), []
 
     def _observe(self, probs: torch.Tensor) -> None:
-        """Keep the last layer's attention [rows, heads, queries, keys]: a look-ahead's last query, or the rows of
-        the reply tokens a forward fed (replacing those from their position on)."""
+        """Keep the last layer's attention [rows, heads, queries, keys]: a look-ahead's candidates, each over the
+        cache and its own column, or the rows of the reply tokens a forward fed (replacing those from their
+        position on)."""
         weights = probs.amax(1)
         weights = weights / weights.sum(-1, keepdim=True)
-        if self._ahead is not None:
-            self._ahead.append(weights[:, -1])
-            return
         queries, keys = weights.shape[1:]
+        if self._ahead is not None:  # k alternatives, each over the cache and its own column
+            own = weights[:, :, keys - queries:].diagonal(dim1=1, dim2=2)
+            self._ahead.append(torch.cat([weights[:, :, :keys - queries], own[..., None]], -1))
+            return
         start = None if self._width is None else keys - queries - self._width
         if start is None or start < 0:  # the prefill
             return
@@ -152,10 +154,9 @@ class OPERA(DecodingMethod):
             self._width, self._seen, self._leads, self._rollbacks = rows.width, logits.new_zeros(n, 0, 0), [], {}
         candidates = logits.topk(c.candidates, -1).indices  # [rows, candidates]
         self._ahead = []
-        try:
-            for k in range(c.candidates):
-                rows.peek(self._vlm, candidates[:, k].repeat(rows.mask.shape[0] // n))
-            ahead = torch.stack([a[:n] for a in self._ahead], 1)  # [rows, candidates, keys]
+        try:  # every candidate in one look-ahead forward
+            rows.peek(self._vlm, candidates.repeat(rows.mask.shape[0] // n, 1))
+            ahead = self._ahead[0][:n]  # [rows, candidates, keys]
         finally:
             self._ahead = None
         w = min(step + 1, c.window)
