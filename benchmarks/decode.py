@@ -16,11 +16,11 @@ as medians over repetitions of ratios to greedy's in the same repetition:
 
 Targets: methods with a second branch (VCD, M3ID, ICD, RITUAL, PAI) >= 0.75x for the whole call, since their
 branch runs as extra rows of the same forward; methods with no extra forward per token >= 0.9x: DoLa, VAF, heads
-and DeCo for the whole call, VHR and VISTA per decoding step (the issue's "per token": each pays two prefills per
+and DeCo for the whole call, VHR and VISTA per decoding step (their target is per token: each pays two prefills per
 call for its per-prompt scores, which no decoding can hide at short replies). OPERA is a search method, not a
-rescoring of greedy decoding (5 beams, a look-ahead forward of every beam's candidates per step, and rows searched one at a time
-while it may roll back), so it has no ratio target: its line shows what the search costs. The last lines give
-one ratio per method, the lower of the two models' (whole call, or per step for VHR and VISTA):
+rescoring of greedy decoding (5 beams, a look-ahead forward of every beam's candidates per step, and rows
+searched one at a time while it may roll back), so it has no ratio target: its line shows what the search costs.
+The last lines give one ratio per method, the lower of the two models' (whole call, or per step for VHR and VISTA):
 `decode <method> <ratio>x`. The default reply length, 64 tokens, is a short caption (CHAIR's captions run
 longer); the prefill share of a call, and with it every branch method's whole-call ratio, falls as replies grow.
 

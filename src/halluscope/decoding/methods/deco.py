@@ -7,7 +7,8 @@ gives some candidate the highest probability; conf is that probability. Scores: 
 the candidates, -inf elsewhere. Paper settings (LLaVA-1.5, 32 layers): top_k 20, top_p 0.9, alpha 0.6, window
 20 to 28; here the window is hidden-state indices (0 the embeddings, as in DoLa), by default
 floor(20 L / 32)..floor(28 L / 32) of L layers, or the layers given. No extra forward; the window is read
-out in the final lm_head call. Neutral: alpha 0, plain decoding (no candidate mask either, so beam search is unchanged too).
+out in the final lm_head call. Neutral: alpha 0, plain decoding (no candidate mask either, so beam search is
+unchanged too).
 """
 
 from __future__ import annotations
