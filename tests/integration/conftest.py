@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -38,8 +39,11 @@ def spawn():
 
     def start(*args: str) -> subprocess.Popen:
         env = dict(os.environ, HF_HUB_OFFLINE="1")
+        # a test runner started in the background of a non-interactive shell ignores SIGINT, and the child would
+        # inherit that; the command must meet Ctrl-C as a user's terminal sends it
         return subprocess.Popen([sys.executable, "-m", "halluscope", *map(str, args)], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     return start
 
