@@ -120,24 +120,26 @@ class _EarlyRecorder(_Recorder):
         return context.logits[0]
 
 
-def test_early_exits_read_out_with_the_final_logits_equal_a_full_forward_at_every_step(vlm):
+@pytest.mark.parametrize("mean", [False, True])
+def test_early_exits_read_out_with_the_final_logits_equal_a_full_forward_at_every_step(vlm, mean):
     """The loop reads a method's early-exit layers out in the final lm_head call: each real row's final and
-    early-exit logits equal lm_head(norm(h_j)) of its own full forward, at the prefill and every later step."""
+    early-exit logits (or, for a method that reads only their mean, the mean) equal lm_head(norm(h_j)) of its own
+    full forward, at the prefill and every later step."""
     encoded = vlm.encode(PAIRS)
     batch = SourcedBatch(encoded.inputs, encoded.image_mask, encoded.image_spans, pairs=PAIRS)
     recorder = _EarlyRecorder()
+    recorder.early_exit_mean = mean
     tokens = decode_ids(vlm, batch, recorder, max_new_tokens=4).tolist()
-    assert recorder.seen[0][1].shape == (2, len(PAIRS), vlm.lm_head.out_features)
+    assert recorder.seen[0][1].shape == (1 if mean else 2, len(PAIRS), vlm.lm_head.out_features)
     for r, pair in enumerate(PAIRS):
         alone = vlm.encode([pair])
         for step, (final, early) in enumerate(recorder.seen):
             with torch.inference_mode():
                 out = vlm.model(**append_tokens(alone, tokens[r][:step]).inputs, output_hidden_states=True)
-                exits = [vlm.lm_head(vlm.norm(out.hidden_states[j][0, -1])) for j in (0, 1)]
+                exits = torch.stack([vlm.lm_head(vlm.norm(out.hidden_states[j][0, -1])).float() for j in (0, 1)])
             torch.testing.assert_close(final[r], out.logits[0, -1], atol=1e-4, rtol=0, msg=f"row {r} step {step}")
-            for j in (0, 1):
-                torch.testing.assert_close(early[j, r], exits[j].float(), atol=1e-4, rtol=0,
-                                           msg=f"row {r} step {step} layer {j}")
+            torch.testing.assert_close(early[:, r], exits.mean(0, keepdim=True) if mean else exits, atol=1e-4,
+                                       rtol=0, msg=f"row {r} step {step}")
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])

@@ -187,7 +187,8 @@ def test_vista_decodes_as_generate_under_the_same_steering(vlm):
 
 def test_vista_mixes_the_mean_window_logits_into_the_final_ones():
     method = build_method("vista", alpha=0.25)
-    early = torch.tensor([[[4.0, 0.0, 0.0]], [[0.0, 2.0, 0.0]]])  # [window layers, batch, vocab]
+    assert method.early_exit_mean  # the loop reads out the window's mean logits: [1, batch, vocab]
+    early = torch.tensor([[[2.0, 1.0, 0.0]]])
     scores = method.step_logits(_context([[1.0, 2.0, 3.0]], early=early))
     torch.testing.assert_close(scores, torch.tensor([[0.75 + 0.5, 1.5 + 0.25, 2.25]]))
 

@@ -221,11 +221,12 @@ class Rows:
     @classmethod
     @torch.inference_mode()
     def prefill(cls, vlm, batches: Sequence[Batch], max_new_tokens: int,
-                early: Sequence[int] = ()) -> tuple["Rows", torch.Tensor, torch.Tensor | None]:
+                early: Sequence[int] = (), mean: bool = False) -> tuple["Rows", torch.Tensor, torch.Tensor | None]:
         """Prefill every branch (one forward for all that have the same input shapes) and pack the caches.
 
         Returns the rows, the last-position logits [rows, vocab] and, for hidden-state indices `early`, the real
-        rows' early-exit logits there [len(early), n, vocab] float32 (else None).
+        rows' early-exit logits there [len(early), n, vocab] float32, or with `mean` their mean [1, n, vocab]
+        (else None).
         """
         n = len(batches[0])
         if any(len(b) != n for b in batches):
@@ -248,7 +249,7 @@ class Rows:
                             output_hidden_states=reads_early)
             if reads_early:  # the real rows are block `group.index(0)` of the joined batch
                 start = group.index(0) * n
-                exits = early_exit_logits(vlm, [h[start:, -1] for h in out.hidden_states], early, n)[1]
+                exits = early_exit_logits(vlm, [h[start:, -1] for h in out.hidden_states], early, n, mean=mean)[1]
             cache = output_cache(out)
             lengths = joined.attention_mask.sum(1).tolist()
             for j, index in enumerate(group):
@@ -297,10 +298,10 @@ class Rows:
 
     @torch.inference_mode()
     def step(self, vlm, tokens: torch.Tensor,
-             early: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+             early: Sequence[int] = (), mean: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Feed one token per row [rows] (or k per row, [rows, k]); the logits after the last one [rows, vocab] and,
-        for hidden-state indices `early`, the real rows' early-exit logits there [len(early), n, vocab] float32
-        (read out in the same lm_head call; else None)."""
+        for hidden-state indices `early`, the real rows' early-exit logits there [len(early), n, vocab] float32,
+        or with `mean` their mean [1, n, vocab] (read out in the same lm_head call; else None)."""
         tokens = tokens if tokens.dim() == 2 else tokens[:, None]
         k = tokens.shape[1]
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], k)], 1)
@@ -312,7 +313,7 @@ class Rows:
         final = out.last_hidden_state[:, -1]
         if not early:
             return vlm.lm_head(final), None
-        return early_exit_logits(vlm, [h[:, -1] for h in out.hidden_states], early, self.n, final=final)
+        return early_exit_logits(vlm, [h[:, -1] for h in out.hidden_states], early, self.n, final=final, mean=mean)
 
     @torch.inference_mode()
     def peek(self, vlm, tokens: torch.Tensor) -> None:
@@ -335,10 +336,10 @@ class Rows:
 
     @torch.inference_mode()
     def rewind(self, vlm, tokens: torch.Tensor,
-               early: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+               early: Sequence[int] = (), mean: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Drop every decoded column and feed `tokens` [rows, k] after the prompts in one forward (as `step`): a
         search that goes back rebuilds its beams' caches from their tokens. Each row keeps its prompt, so rows
         reordered since the prefill must still be copies of their own real row's."""
         self.cache = _cache([BufferedLayer(*layer.buffers, self.width) for layer in self.cache.layers])
         self.mask, self.next_position = self.mask[:, :self.width], self.prompt_position
-        return self.step(vlm, tokens, early=early)
+        return self.step(vlm, tokens, early=early, mean=mean)

@@ -99,8 +99,9 @@ class StepContext:
 
     `logits[b]` is branch b's [batch, vocab] (branch 0 the real input; under beam search one row per beam, the
     beams of a row next to each other); `early` [layers, batch, vocab] float32 the real rows' early-exit logits at
-    the hidden-state indices the method's `early_exit` asked for (None if none); `step` is the number of tokens
-    generated before this one (0 at the prefill).
+    the hidden-state indices the method's `early_exit` asked for (their mean [1, batch, vocab] if its
+    `early_exit_mean`; None if none); `step` is the number of tokens generated before this one (0 at the
+    prefill).
     """
 
     logits: list[torch.Tensor]
@@ -235,7 +236,7 @@ def _greedy(vlm, method: DecodingMethod, rows: Rows, logits: torch.Tensor, early
         done = done | torch.isin(token, ends)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        logits, early = rows.step(vlm, token.repeat(branches), early=layers)
+        logits, early = rows.step(vlm, token.repeat(branches), early=layers, mean=method.early_exit_mean)
     return torch.stack(out, 1)
 
 
@@ -266,7 +267,7 @@ def _search(vlm, method: DecodingMethod, rows: Rows, logits: torch.Tensor, early
             banned = {p: b for p, b in banned.items() if p < back} | {back: again}
             del kept[back:], picked[back:]
             logits, early = rows.rewind(vlm, state.running[:, :, :back].flatten(0, 1).repeat(branches, 1),
-                                        early=layers)
+                                        early=layers, mean=method.early_exit_mean)
             real = logits[:rows.n].float()
             scores = real.view(groups, -1).scatter(1, again, float("-inf")).view_as(real)
         if method.rewinds:
@@ -281,7 +282,7 @@ def _search(vlm, method: DecodingMethod, rows: Rows, logits: torch.Tensor, early
         rows = rows.select(order)
         method.reorder(order)
         tokens = state.running[:, :, state.length - 1].flatten()
-        logits, early = rows.step(vlm, tokens.repeat(branches), early=layers)
+        logits, early = rows.step(vlm, tokens.repeat(branches), early=layers, mean=method.early_exit_mean)
 
 
 @torch.inference_mode()
@@ -309,7 +310,7 @@ def decode_ids(vlm, batch: Batch, method: DecodingMethod | None = None, *, max_n
     with method.applied(vlm, batch):
         batches = [batch, *method.branches(vlm, batch)]
         layers = method.early_exit(vlm)
-        rows, logits, early = Rows.prefill(vlm, batches, max_new_tokens, early=layers)
+        rows, logits, early = Rows.prefill(vlm, batches, max_new_tokens, early=layers, mean=method.early_exit_mean)
         if beams == 1:
             return _greedy(vlm, method, rows, logits, early, layers, max_new_tokens=max_new_tokens,
                            sampler=sampler, ends=ends, pad=pad)

@@ -104,6 +104,10 @@ class DecodingMethod:
         """Second inputs decoded beside the real one, each a batch with one row per real row."""
         return []
 
+    #: step_logits reads only the mean of the early-exit logits: the loop reads out lm_head of the layers' mean
+    #: normed state, one row per row instead of one per layer
+    early_exit_mean: ClassVar[bool] = False
+
     def early_exit(self, vlm) -> list[int]:
         """Hidden-state indices (0 = embeddings) whose next-token logits through the final norm and lm_head
         `step_logits` reads (`StepContext.early`); the loop reads them out with the final logits. None here."""

@@ -34,12 +34,17 @@ def early_exit_window(n_layers: int, start: int | None, end: int | None, paper: 
 
 
 def early_exit_logits(vlm, hidden: Sequence[torch.Tensor], layers: Sequence[int], n: int,
-                      final: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+                      final: torch.Tensor | None = None,
+                      mean: bool = False) -> tuple[torch.Tensor | None, torch.Tensor]:
     """lm_head(norm(h_j)) of the first `n` rows of each hidden state `hidden[j]` [rows, hidden_size], j in
-    `layers`, as [len(layers), n, vocab] float32; with `final` [rows, hidden_size] (final-normed states) their
-    logits [rows, vocab] come from the same lm_head call and are returned first (else None)."""
-    early = vlm.norm(torch.stack([hidden[j][:n] for j in layers])).flatten(0, 1)
+    `layers`, as [len(layers), n, vocab] float32; with `mean`, their mean over the layers [1, n, vocab], read out
+    as lm_head of the mean normed state (lm_head is affine, so the mean commutes with it: one row per row instead
+    of one per layer). With `final` [rows, hidden_size] (final-normed states) their logits [rows, vocab] come from
+    the same lm_head call and are returned first (else None)."""
+    early = vlm.norm(torch.stack([hidden[j][:n] for j in layers]))
+    early = early.mean(0, keepdim=True) if mean else early
+    count = early.shape[0]
     if final is None:
-        return None, vlm.lm_head(early).unflatten(0, (len(layers), n)).float()
-    logits = vlm.lm_head(torch.cat([final, early]))
-    return logits[:len(final)], logits[len(final):].unflatten(0, (len(layers), n)).float()
+        return None, vlm.lm_head(early.flatten(0, 1)).unflatten(0, (count, n)).float()
+    logits = vlm.lm_head(torch.cat([final, early.flatten(0, 1)]))
+    return logits[:len(final)], logits[len(final):].unflatten(0, (count, n)).float()

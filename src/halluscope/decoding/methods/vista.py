@@ -10,7 +10,8 @@ Paper settings (LLaVA-1.5, 32 layers): lam 0.17 for captions (CHAIR; 0.01 for PO
 here the window is hidden-state indices (0 the embeddings), by default floor(25 L / 32)..floor(30 L / 32) of L
 layers, or the layers given. The paper's vector is a PCA direction of the differences; with one (image, no image)
 pair per prompt we use the difference itself. Cost: one prefill of the input and one of the twin per call, before
-decoding; the window is read out in the final lm_head call. Neutral: lam 0 and alpha 0.
+decoding; per token, lm_head of the window's mean normed state (the mean of the window's logits, lm_head being
+affine) read out in the final lm_head call. Neutral: lam 0 and alpha 0.
 """
 
 from __future__ import annotations
@@ -57,11 +58,12 @@ def steer(x: torch.Tensor, direction: torch.Tensor, lam: float) -> torch.Tensor:
 
 class VISTA(DecodingMethod):
     """Visual steering and self-logits augmentation (Li et al., ICML 2025, arXiv:2502.03628): the vectors come
-    from two prefills per call; steering adds no forward; the window is read out in the final lm_head call."""
+    from two prefills per call; steering adds no forward; the window's mean is one more row of the final lm_head call."""
 
     name = "vista"
     Config = VISTAConfig
     needs_pairs = True
+    early_exit_mean = True
 
     def __init__(self, **settings) -> None:
         super().__init__(**settings)
@@ -112,5 +114,5 @@ class VISTA(DecodingMethod):
         alpha = self.config.alpha
         if alpha == 0:
             return real
-        window = context.early.mean(0)
+        window = context.early[0]  # the window's mean logits
         return (1 - alpha) * real.float() + alpha * window
