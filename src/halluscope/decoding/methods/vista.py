@@ -58,7 +58,8 @@ def steer(x: torch.Tensor, direction: torch.Tensor, lam: float) -> torch.Tensor:
 
 class VISTA(DecodingMethod):
     """Visual steering and self-logits augmentation (Li et al., ICML 2025, arXiv:2502.03628): the vectors come
-    from two prefills per call; steering adds no forward; the window's mean is one more row of the final lm_head call."""
+    from two prefills per call; steering adds no forward; the window's mean is one more row of the final lm_head
+    call."""
 
     name = "vista"
     Config = VISTAConfig
