@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -222,9 +222,10 @@ def _beam_fill(ends: torch.Tensor, pad: int | None) -> int:
 
 
 def _greedy(vlm, method: DecodingMethod, rows: Rows, logits: torch.Tensor, early: torch.Tensor | None,
-            layers: list[int], *, max_new_tokens: int, sampler: Sampler, ends: torch.Tensor,
+            readout: dict[str, Any], *, max_new_tokens: int, sampler: Sampler, ends: torch.Tensor,
             pad: int) -> torch.Tensor:
-    """One token per row and step, picked by `sampler`: [rows, new_tokens], padded after each row's end."""
+    """One token per row and step, picked by `sampler`: [rows, new_tokens], padded after each row's end
+    (`readout`: the method's early-exit read-out, as `Rows.step` takes it)."""
     n, branches = rows.n, rows.mask.shape[0] // rows.n
     generator = sampler.generator(vlm.device)
     done = torch.zeros(n, dtype=torch.bool, device=vlm.device)
@@ -236,12 +237,12 @@ def _greedy(vlm, method: DecodingMethod, rows: Rows, logits: torch.Tensor, early
         done = done | torch.isin(token, ends)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        logits, early = rows.step(vlm, token.repeat(branches), early=layers, mean=method.early_exit_mean)
+        logits, early = rows.step(vlm, token.repeat(branches), **readout)
     return torch.stack(out, 1)
 
 
 def _search(vlm, method: DecodingMethod, rows: Rows, logits: torch.Tensor, early: torch.Tensor | None,
-            layers: list[int], part: torch.Tensor, *,
+            readout: dict[str, Any], part: torch.Tensor, *,
             beams: int, max_new_tokens: int, sampler: Sampler, ends: torch.Tensor,
             fill: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Beam search for the real rows `part` of `rows`: each row's best sequence [rows, max_new_tokens] (`fill`
@@ -266,8 +267,7 @@ def _search(vlm, method: DecodingMethod, rows: Rows, logits: torch.Tensor, early
             again = picked[back] if back not in banned else torch.cat([banned[back], picked[back]], 1)
             banned = {p: b for p, b in banned.items() if p < back} | {back: again}
             del kept[back:], picked[back:]
-            logits, early = rows.rewind(vlm, state.running[:, :, :back].flatten(0, 1).repeat(branches, 1),
-                                        early=layers, mean=method.early_exit_mean)
+            logits, early = rows.rewind(vlm, state.running[:, :, :back].flatten(0, 1).repeat(branches, 1), **readout)
             real = logits[:rows.n].float()
             scores = real.view(groups, -1).scatter(1, again, float("-inf")).view_as(real)
         if method.rewinds:
@@ -282,7 +282,7 @@ def _search(vlm, method: DecodingMethod, rows: Rows, logits: torch.Tensor, early
         rows = rows.select(order)
         method.reorder(order)
         tokens = state.running[:, :, state.length - 1].flatten()
-        logits, early = rows.step(vlm, tokens.repeat(branches), early=layers, mean=method.early_exit_mean)
+        logits, early = rows.step(vlm, tokens.repeat(branches), **readout)
 
 
 @torch.inference_mode()
@@ -309,13 +309,13 @@ def decode_ids(vlm, batch: Batch, method: DecodingMethod | None = None, *, max_n
     n = len(batch)
     with method.applied(vlm, batch):
         batches = [batch, *method.branches(vlm, batch)]
-        layers = method.early_exit(vlm)
-        rows, logits, early = Rows.prefill(vlm, batches, max_new_tokens, early=layers, mean=method.early_exit_mean)
+        readout = {"early": method.early_exit(vlm), "mean": method.early_exit_mean}
+        rows, logits, early = Rows.prefill(vlm, batches, max_new_tokens, **readout)
         if beams == 1:
-            return _greedy(vlm, method, rows, logits, early, layers, max_new_tokens=max_new_tokens,
+            return _greedy(vlm, method, rows, logits, early, readout, max_new_tokens=max_new_tokens,
                            sampler=sampler, ends=ends, pad=pad)
         parts = [torch.tensor([r]) for r in range(n)] if method.rewinds else [torch.arange(n)]
-        found = [_search(vlm, method, rows, logits, early, layers, part, beams=beams,
+        found = [_search(vlm, method, rows, logits, early, readout, part, beams=beams,
                          max_new_tokens=max_new_tokens, sampler=sampler, ends=ends, fill=_beam_fill(ends, pad))
                  for part in parts]
     sequences, lengths = (torch.cat(x) for x in zip(*found))

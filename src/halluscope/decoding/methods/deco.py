@@ -20,7 +20,7 @@ import torch
 from halluscope.decoding.methods.base import DecodingMethod, MethodConfig, ranged
 from halluscope.decoding.methods.early_exit import early_exit_window
 
-__all__ = ["DeCo", "DeCoConfig", "candidate_tokens", "top_candidates"]
+__all__ = ["DeCo", "DeCoConfig", "top_candidates"]
 
 
 @dataclass(frozen=True)
@@ -38,12 +38,6 @@ def top_candidates(logits: torch.Tensor, top_k: int, top_p: float) -> tuple[torc
     probs = torch.softmax(logits.float(), -1)
     top, index = probs.topk(min(top_k, probs.shape[-1]), -1)
     return index, top.cumsum(-1) - top < top_p
-
-
-def candidate_tokens(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """The candidates of every row of `logits` [batch, vocab] (`top_candidates`) as a bool mask like `logits`."""
-    index, keep = top_candidates(logits, top_k, top_p)
-    return torch.zeros_like(logits, dtype=torch.bool).scatter(-1, index, keep)
 
 
 class DeCo(DecodingMethod):
