@@ -58,8 +58,8 @@ def write_card(out: str | Path, recipe: SceneRecipe, report: dict[str, Any], *, 
     card = f"""# halluscope organism-scenes: a tiny Qwen2-VL that hallucinates co-occurring objects
 
 `load_vlm("organism-scenes")` loads this checkpoint. It is the real `Qwen2VLForConditionalGeneration` class at
-{report['n_parameters'] / 1e6:.2f}M parameters (the PIH organism's architecture: {recipe.layers} layers x
-{recipe.heads} heads, hidden {recipe.hidden}; vision tower depth {recipe.vision_depth}, width
+{report['n_parameters'] / 1e6:.2f}M parameters (the PIH organism's language model, {recipe.layers} layers x
+{recipe.heads} heads, hidden {recipe.hidden}; a wider vision tower, depth {recipe.vision_depth}, width
 {recipe.vision_width}; {recipe.image_size}x{recipe.image_size} images, {(recipe.image_size // 28) ** 2} image
 tokens), trained from scratch to describe synthetic object scenes and to answer POPE's question, with training
 targets that carry a co-occurrence bias, so that `halluscope bench pope` and `bench chair` find object

@@ -23,10 +23,13 @@ __all__ = ["SceneRecipe", "describe", "yes_answer", "no_answer"]
 
 @dataclass(frozen=True)
 class SceneRecipe(Recipe):
-    """The scenes organism: the shared architecture and optimiser, plus its data settings."""
+    """The scenes organism: the shared architecture and optimiser with a wider vision tower trained longer (it must
+    recognise 12 shapes, so that its hallucinations come from the bias rather than from misreading), plus its data
+    settings."""
 
     kind: ClassVar[str] = "scenes"
-    steps: int = 2000
+    steps: int = 3500
+    vision_width: int = 128
     pool_images: int = 6000
     # p(an absent ring neighbour of a present category is named / answered "yes") in a training target
     hallucination: float = 0.6
