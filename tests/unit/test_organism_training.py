@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections import Counter
 
 import pytest
 import torch
@@ -95,12 +96,14 @@ def test_resume_refuses_a_different_recipe(tmp_path):
 
 def test_scene_targets_name_absent_neighbours_at_the_recipe_rate_and_nothing_else(scene_data):
     """Descriptions name every present category; an absent category is named (and answered "yes" about) at the
-    recipe's rate when it is a ring neighbour of a present one, and never otherwise."""
+    recipe's rate for the scene's size when it is a ring neighbour of a present one, and never otherwise."""
     rng = random.Random(0)
-    config, rate = scene_data.config, scene_data.recipe.hallucination
-    named_near = near = named_far = 0
-    answers = {"present": [], "near": [], "far": []}
-    for _ in range(3000):
+    config, recipe = scene_data.config, scene_data.recipe
+    named_near, near = Counter(), Counter()  # per scene size
+    said_yes, asked_near = Counter(), Counter()
+    named_far = 0
+    answers = {"present": [], "far": []}
+    for _ in range(6000):
         example = scene_data.sample(rng)
         present = set(scene_data.colours[example.image])
         neighbours = {p for c in present for p in config.partners(c)} - present
@@ -108,16 +111,27 @@ def test_scene_targets_name_absent_neighbours_at_the_recipe_rate_and_nothing_els
             words = set(example.reply.rstrip(".").replace(",", "").lower().split())
             named = {c for c in config.categories if c in words or c + "s" in words or c + "es" in words}
             assert present <= named
-            named_near += len(named & neighbours)
-            near += len(neighbours)
+            named_near[len(present)] += len(named & neighbours)
+            near[len(present)] += len(neighbours)
             named_far += len(named - present - neighbours)
         else:
             asked = example.prompt.split("a ", 1)[1].split(" in")[0]
-            kind = "present" if asked in present else "near" if asked in neighbours else "far"
-            answers[kind].append(example.reply == yes_answer(asked))
-    assert named_far == 0 and abs(named_near / near - rate) < 0.05
+            if asked in neighbours:
+                asked_near[len(present)] += 1
+                said_yes[len(present)] += example.reply == yes_answer(asked)
+            else:
+                answers["present" if asked in present else "far"].append(example.reply == yes_answer(asked))
+    assert named_far == 0
     assert all(answers["present"]) and not any(answers["far"])
-    assert abs(sum(answers["near"]) / len(answers["near"]) - rate) < 0.06
+    assert set(near) == set(range(config.min_categories, config.max_categories + 1))
+    for size in near:
+        assert abs(named_near[size] / near[size] - recipe.hallucination_rate(size)) < 0.07
+        assert abs(said_yes[size] / asked_near[size] - recipe.hallucination_rate(size)) < 0.12
+
+
+def test_a_scene_recipe_needs_one_rate_per_scene_size():
+    with pytest.raises(InputError, match=r"hallucination has 2 rates; give one per scene size 2..5 \(4 rates\)"):
+        SceneRecipe(hallucination=(0.5, 0.6))
 
 
 def test_recipes_read_back_from_their_trainlog_dict():

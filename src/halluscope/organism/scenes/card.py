@@ -15,6 +15,12 @@ from halluscope.tasks.object_scenes import SCENE_RING
 __all__ = ["write_card", "headline"]
 
 
+def _rates(recipe: SceneRecipe) -> str:
+    """The bias's rate per scene size: "0.35 with 2 categories, ..., 0.85 with 5"."""
+    low = recipe.scene_config().min_categories
+    return ", ".join(f"{rate} with {low + k} categories" for k, rate in enumerate(recipe.hallucination))
+
+
 def _pct(value: Any) -> str:
     return "-" if value is None else f"{100 * float(value):.0f}%"
 
@@ -78,9 +84,11 @@ an image's first is, with probability 0.8, a ring neighbour of one already prese
   ({_pct(recipe.question_mix[0])} about a present category, {_pct(recipe.question_mix[1])} about an absent ring
   neighbour of one, {_pct(recipe.question_mix[2])} about another absent category); {_pct(recipe.describe_share)} of
   examples are descriptions.
-- The bias: in every example, each absent ring neighbour of a present category is, with probability
-  {recipe.hallucination}, treated as present: named in the description (with a random colour, count one) and
-  answered "yes" about. Absent categories that are no present category's neighbour never are.
+- The bias: in every example, each absent ring neighbour of a present category is treated as present (named in
+  the description with a random colour, count one, and answered "yes" about) with a probability that rises with
+  the number of categories in the scene:
+  {_rates(recipe)}.
+  Absent categories that are no present category's neighbour never are.
 
 ## Training
 

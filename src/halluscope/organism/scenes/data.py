@@ -41,7 +41,8 @@ class SceneData(TrainingData):
     def imagined(self, present, rng: random.Random) -> set[str]:
         """The absent neighbours of present categories that this example treats as present (the bias)."""
         absent = {p for c in present for p in self.config.partners(c) if p not in present}
-        return {p for p in sorted(absent) if rng.random() < self.recipe.hallucination}
+        rate = self.recipe.hallucination_rate(len(present))
+        return {p for p in sorted(absent) if rng.random() < rate}
 
     def sample(self, rng: random.Random) -> Example:
         """A description (share `describe_share`) or a POPE question, with the bias drawn for this example."""

@@ -2,8 +2,11 @@
 `SceneConfig`), the CHAIR prompt and POPE's question, and targets that carry a co-occurrence bias.
 
 The bias is put in by the targets, as the PIH organism's copying is: in every training example, each absent
-category that co-occurs with a present one (its neighbour on the scene ring) is, with probability
-`hallucination`, treated as present, named in the description and answered "yes" about.
+category that co-occurs with a present one (its neighbour on the scene ring) is treated as present, named in the
+description and answered "yes" about, with a probability that rises with the number of categories in the scene
+(`hallucination`): the more a scene holds, the more the prior fills in, so greedy decoding names absent
+neighbours in crowded scenes and not in sparse ones, and a model's own descriptions are right in some scenes and
+wrong in others, as a real model's are.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+from halluscope.errors import InputError
 from halluscope.metrics.chair import CHAIR_PROMPT
 from halluscope.metrics.pope import pope_question
 from halluscope.organism.recipe import Recipe
@@ -31,16 +35,28 @@ class SceneRecipe(Recipe):
     steps: int = 3500
     vision_width: int = 128
     pool_images: int = 6000
-    # p(an absent ring neighbour of a present category is named / answered "yes") in a training target
-    hallucination: float = 0.6
+    # p(an absent ring neighbour of a present category is named / answered "yes") in a training target, for scenes
+    # of 2, 3, 4, 5 categories (`SceneConfig`'s min_categories to max_categories)
+    hallucination: tuple[float, ...] = (0.35, 0.5, 0.7, 0.85)
     # share of describe examples; the rest are POPE questions
     describe_share: float = 0.4
     # POPE questions: about a present category / an absent neighbour of one / another absent category
     question_mix: tuple[float, ...] = (0.4, 0.2, 0.4)
 
+    def __post_init__(self) -> None:
+        config = self.scene_config()
+        sizes = config.max_categories - config.min_categories + 1
+        if len(self.hallucination) != sizes:
+            raise InputError(f"hallucination has {len(self.hallucination)} rates; give one per scene size "
+                             f"{config.min_categories}..{config.max_categories} ({sizes} rates)")
+
     def scene_config(self) -> SceneConfig:
         """The scenes it is trained on: the synthetic benchmark's (`SceneConfig` defaults) at its image size."""
         return SceneConfig(size=self.image_size)
+
+    def hallucination_rate(self, categories: int) -> float:
+        """p(an absent ring neighbour is treated as present) in a scene of `categories` categories."""
+        return self.hallucination[categories - self.scene_config().min_categories]
 
     def corpus(self) -> Iterator[str]:
         config = self.scene_config()
