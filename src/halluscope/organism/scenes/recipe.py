@@ -4,9 +4,8 @@
 The bias is put in by the targets, as the PIH organism's copying is: in every training example, each absent
 category that co-occurs with a present one (its neighbour on the scene ring) is treated as present, named in the
 description and answered "yes" about, with a probability that rises with the number of categories in the scene
-(`hallucination`): the more a scene holds, the more the prior fills in, so greedy decoding names absent
-neighbours in crowded scenes and not in sparse ones, and a model's own descriptions are right in some scenes and
-wrong in others, as a real model's are.
+(`hallucination`): the more a scene holds, the more the prior fills in, as a real model's hallucinations grow with
+what its caption covers.
 """
 
 from __future__ import annotations
