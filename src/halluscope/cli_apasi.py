@@ -45,12 +45,14 @@ def data(model: str = _MODEL,
                                                                       "image.', CHAIR's)."),
          variant: str = typer.Option("auto", "--variant",
                                      help="replace (the paper's: sentences replaced by a guide phrase the model "
-                                          "continues blind), insert (an absent object added to a list sentence) "
-                                          "or auto (replace where the rate leaves a sentence to replace)."),
+                                          "continues blind), insert (an absent object added to a list sentence), "
+                                          "swap (a list item other than the first traded for an absent object) "
+                                          "or auto (replace where the rate leaves a sentence to replace, else "
+                                          "insert)."),
          rate: float = typer.Option(0.2, "--rate", help="Share of sentences replaced (replace variant)."),
          top_k: int = typer.Option(10, "--top-k", help="Guide objects are drawn from this many most co-occurring "
                                                       "absent objects of a remaining object."),
-         objects: int = typer.Option(1, "--objects", help="Objects inserted per description (insert variant)."),
+         objects: int = typer.Option(1, "--objects", help="Objects injected per description (insert and swap variants)."),
          max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Length of the descriptions."),
          nlp: str = typer.Option("auto", "--nlp", help="NLP components reading object mentions: auto, nltk or "
                                                        "offline."),

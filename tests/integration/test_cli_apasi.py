@@ -178,7 +178,7 @@ def _one_error_line(err: str) -> str:
 
 
 @pytest.mark.parametrize("extra, message", [
-    (("--variant", "swap"), "unknown --variant 'swap'"),
+    (("--variant", "shuffle"), "unknown --variant 'shuffle'"),
     (("--rate", "1.5"), "--rate 1.5; expected a fraction strictly between 0 and 1"),
     (("--top-k", "0"), "--top-k 0; expected a whole number >= 1"),
     (("--n", "9"), "--n 9 is more than the 4 images"),

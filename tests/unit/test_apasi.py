@@ -24,6 +24,7 @@ from halluscope.training.apasi.inject import (
     plan_injection,
     plan_insert,
     plan_replace,
+    plan_swap,
     render_list,
 )
 from halluscope.training.apasi.sentences import (
@@ -177,6 +178,24 @@ def test_insert_plan_names_an_absent_object_in_the_models_own_words(reader):
     assert plan_insert(description, lone, random.Random(0), top_k=10) == "no_absent_object"
 
 
+def test_swap_plan_trades_a_later_item_for_an_absent_object(reader):
+    graph = _graph(reader, ["A circle, a square and two green stars."] * 2 + ["A circle and a heart."])
+    description = read_description("A circle, a square and a bolt.", reader)
+    for seed in range(20):
+        plan = plan_swap(description, graph, random.Random(seed), top_k=10)
+        assert plan.variant == "swap" and len(plan.guides) == 1 and plan.pending == []
+        rejected = read_description(join_sentences(plan.sentences), reader)
+        assert len(rejected.objects) == len(description.objects)  # as many objects as the chosen side
+        assert "circle" in rejected.objects  # the first item is never taken out
+        assert plan.guides[0] in rejected.objects and plan.guides[0] not in description.objects
+    two = plan_swap(read_description("A circle, a square and a bolt.", reader), graph, random.Random(0),
+                    top_k=10, count=5)
+    assert len(two.guides) == 2  # at most every item but the first
+    assert plan_swap(read_description("A circle.", reader), graph, random.Random(0), top_k=10) == "short_list"
+    assert plan_swap(read_description("A square on the left.", reader), graph, random.Random(0),
+                     top_k=10) == "short_list"
+
+
 # ---- the replace variant -----------------------------------------------------------------------------------------
 
 
@@ -206,8 +225,10 @@ def test_auto_replaces_long_descriptions_and_inserts_into_short_ones(reader):
     short = read_description("A circle and a square.", reader)
     assert plan_injection(long, graph, {}, random.Random(0), variant="auto", rate=0.2, top_k=10).variant == "replace"
     assert plan_injection(short, graph, {}, random.Random(0), variant="auto", rate=0.2, top_k=10).variant == "insert"
-    with pytest.raises(InputError, match="unknown variant 'swap'"):
-        plan_injection(short, graph, {}, random.Random(0), variant="swap", rate=0.2, top_k=10)
+    swapped = plan_injection(short, graph, {}, random.Random(0), variant="swap", rate=0.2, top_k=10)
+    assert swapped.variant == "swap"
+    with pytest.raises(InputError, match="unknown variant 'shuffle'"):
+        plan_injection(short, graph, {}, random.Random(0), variant="shuffle", rate=0.2, top_k=10)
 
 
 # ---- curriculum -------------------------------------------------------------------------------------------------

@@ -72,9 +72,9 @@ def apasi_data_step(out: str | Path, *, model: str, images: str = "synthetic", n
         seed: the synthetic scenes, the directory's image draw and every injection draw. `bench` uses 0: keep
             the training images apart from the benchmark's.
         prompt: the instruction the descriptions answer (default CHAIR's, `metrics.chair.CHAIR_PROMPT`).
-        variant: "replace", "insert" or "auto" (`inject.plan_injection`).
+        variant: "replace", "insert", "swap" or "auto" (`inject.plan_injection`).
         rate: share of sentences replaced (replace variant). top_k: how many of a remaining object's most
-            co-occurring absent objects the guide object is drawn from. objects: objects per insertion.
+            co-occurring absent objects the guide object is drawn from. objects: objects injected (insert, swap).
         max_new_tokens: length of the greedy descriptions.
         nlp: CHAIR's NLP components for reading object mentions ("auto", "nltk", "offline").
 
@@ -152,7 +152,7 @@ def _describe(run: Run, vlm, items: pd.DataFrame, prompt: str, *, max_new_tokens
 def _rejected(run: Run, vlm, plans: list[Plan | str], prompt: str, *, batch_size: int, force: bool,
               progress: Progress) -> dict[int, str]:
     """Stage 3's texts: item -> rejected text, the replace plans continued by the model (in shards), the insert
-    plans as they are."""
+    and swap plans as they are."""
     pending = [(item, plan) for item, plan in enumerate(plans) if isinstance(plan, Plan) and plan.pending]
     texts = {item: join_sentences(plan.sentences) for item, plan in enumerate(plans)
              if isinstance(plan, Plan) and not plan.pending}

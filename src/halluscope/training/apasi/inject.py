@@ -1,6 +1,6 @@
 """APASI's stage 3 without the model: which hallucination goes where in a rejected response.
 
-Two variants build a plan from one description (`graph.read_description`) and the object graph:
+Three variants build a plan from one description (`graph.read_description`) and the object graph:
 
 - `replace` (the reference's): about a fifth of the sentences, never the first and later ones more often, are
   replaced by a guide phrase naming an object the description does not name but that its remaining objects are
@@ -12,6 +12,10 @@ Two variants build a plan from one description (`graph.read_description`) and th
   has none), in words the model itself uses for the object elsewhere ("two green stars"), and the list is
   rewritten with its commas and "and". The rejected side so stays in the model's own style and differs from the
   chosen side only by the inserted object.
+- `swap` (ours, the list form of `replace`): an item of a list sentence other than the first is taken out and an
+  absent object goes in as with `insert`, so both sides name as many objects. An inserted pair always names one
+  object more on the rejected side, which DPO can also read as "name fewer objects"; swapped pairs leave out that
+  signal, as the reference's replaced sentences do.
 
 A plan that cannot be made names why (`DROP_REASONS`); the data step drops that description.
 """
@@ -28,11 +32,11 @@ from halluscope.training.apasi.graph import Description, ListSentence, ObjectGra
 from halluscope.training.apasi.sentences import Sentence, choose_sentences, replace_count
 
 __all__ = ["DROP_REASONS", "GUIDE_TEMPLATES", "VARIANTS", "Plan", "choose_guide", "choose_position",
-           "guide_candidates", "insert_item", "plan_injection", "plan_insert", "plan_replace", "render_list",
+           "guide_candidates", "insert_item", "plan_injection", "plan_insert", "plan_replace", "plan_swap", "render_list",
            "surface_words", "with_article"]
 
 #: `--variant` values: "auto" replaces where the rate leaves at least one sentence to replace, else inserts.
-VARIANTS = ("auto", "replace", "insert")
+VARIANTS = ("auto", "replace", "insert", "swap")
 
 #: Guide phrases that open an injected sentence; "{}" takes the object with its article ("a microwave").
 GUIDE_TEMPLATES: tuple[str, ...] = (
@@ -64,6 +68,7 @@ DROP_REASONS = {
     "nothing_left": "no object left outside the replaced sentences",
     "no_absent_object": "no absent object in the graph",
     "no_list": "no list sentence to insert into",
+    "short_list": "no list sentence of two or more items to swap an item of",
     "not_injected": "the rejected text does not name the injected object, or equals the chosen one",
 }
 
@@ -201,9 +206,40 @@ def plan_insert(description: Description, graph: ObjectGraph, rng: random.Random
     if not description.lists:
         return "no_list"
     index = rng.choice(sorted(description.lists))
-    listed, guides = description.lists[index], []
+    return _fill_list(description, index, description.lists[index], graph, rng, "insert", top_k=top_k, count=count,
+                      keys=description.objects)
+
+
+def plan_swap(description: Description, graph: ObjectGraph, rng: random.Random, *, top_k: int,
+              count: int = 1) -> Plan | str:
+    """The swap variant's plan (finished), or the key of `DROP_REASONS` that stops it: the list form of the
+    reference's sentence replacement.
+
+    In a random list sentence of two or more items, `count` items other than the first (at most all but it) are
+    taken out, and as many absent objects co-occurring with the objects left (`choose_guide`) go in as with
+    `plan_insert`. The rejected side so names as many objects as the chosen side and differs in which: an inserted
+    pair always names one object more, and DPO on it also learns to name fewer objects.
+    """
+    lists = {k: listed for k, listed in description.lists.items() if len(listed.items) > 1}
+    if not lists:
+        return "short_list"
+    index = rng.choice(sorted(lists))
+    listed = lists[index]
+    out = set(rng.sample(range(1, len(listed.items)), min(count, len(listed.items) - 1)))
+    kept = listed._replace(items=[item for k, item in enumerate(listed.items) if k not in out],
+                           objects=[obj for k, obj in enumerate(listed.objects) if k not in out])
+    taken = {listed.objects[k] for k in out}
+    keys = [obj for obj in description.objects if obj not in taken] or kept.objects
+    return _fill_list(description, index, kept, graph, rng, "swap", top_k=top_k, count=len(out), keys=keys)
+
+
+def _fill_list(description: Description, index: int, listed: ListSentence, graph: ObjectGraph, rng: random.Random,
+               variant: str, *, top_k: int, count: int, keys: Sequence[str]) -> Plan | str:
+    """Put `count` absent objects co-occurring with `keys` into `listed` (sentence `index` of the description), each
+    in the model's own words at the boundary `choose_position` picks; the finished plan, or "no_absent_object"."""
+    guides: list[str] = []
     for _ in range(count):
-        guide = choose_guide(graph, description.objects, {*description.objects, *guides}, rng, top_k)
+        guide = choose_guide(graph, keys, {*description.objects, *guides}, rng, top_k)
         if guide is None:
             break
         phrase = rng.choice(list(graph.phrasings.get(guide) or [with_article(guide)]))
@@ -213,7 +249,7 @@ def plan_insert(description: Description, graph: ObjectGraph, rng: random.Random
         return "no_absent_object"
     sentences = list(description.sentences)
     sentences[index] = Sentence(render_list(listed), sentences[index].tail)
-    return Plan("insert", guides, sentences, [])
+    return Plan(variant, guides, sentences, [])
 
 
 def plan_injection(description: Description, graph: ObjectGraph, words: Mapping[str, Sequence[str]],
@@ -228,4 +264,6 @@ def plan_injection(description: Description, graph: ObjectGraph, words: Mapping[
         raise InputError(f"unknown variant {variant!r}; use one of {', '.join(VARIANTS)}")
     if variant == "replace" or (variant == "auto" and replace_count(len(description.sentences), rate)):
         return plan_replace(description, graph, words, rng, rate=rate, top_k=top_k)
+    if variant == "swap":
+        return plan_swap(description, graph, rng, top_k=top_k, count=objects)
     return plan_insert(description, graph, rng, top_k=top_k, count=objects)
