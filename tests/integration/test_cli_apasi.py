@@ -1,4 +1,4 @@
-"""`halluscope apasi data` and `apasi train` end to end on a tiny Qwen2-VL: pairs from both variants, two DPO rounds
+"""`halluscope apasi data` and `apasi train` end to end on a tiny Qwen2-VL: pairs from every variant, two DPO rounds
 through TRL and PEFT, a checkpoint that `load_vlm` opens and that generates, LoRA changes only the language model's
 linear layers, reruns resume without recomputing, and bad input fails in one line before anything is written.
 
@@ -168,6 +168,19 @@ def test_apasi_replace_variant_continues_guide_phrases(cli, taught, images, tmp_
         assert index != 0 and len(rejected) >= len(chosen)
         assert rejected[:index] == chosen[:index]
         assert row.guide_objects[0] in rejected[index].text
+
+
+
+def test_apasi_swap_variant_keeps_the_number_of_list_items(cli, taught, images, tmp_path):
+    code, out, err = _data(cli, taught, images, tmp_path / "data", "--variant", "swap")
+    assert code == 0, err
+    pairs = pd.read_parquet(tmp_path / "data" / "pairs.parquet")
+    assert len(pairs) >= 2 and set(pairs["variant"]) == {"swap"} and "pairs, swap" in out
+    for row in pairs.itertuples():
+        assert row.rejected.count(",") + row.rejected.count(" and ") == row.chosen.count(",") + \
+            row.chosen.count(" and ")  # as many list items as the chosen side
+        assert not any(g in row.chosen for g in row.guide_objects)
+        assert all(g in row.rejected for g in row.guide_objects)
 
 
 def _one_error_line(err: str) -> str:
