@@ -52,7 +52,8 @@ def data(model: str = _MODEL,
          rate: float = typer.Option(0.2, "--rate", help="Share of sentences replaced (replace variant)."),
          top_k: int = typer.Option(10, "--top-k", help="Guide objects are drawn from this many most co-occurring "
                                                       "absent objects of a remaining object."),
-         objects: int = typer.Option(1, "--objects", help="Objects injected per description (insert and swap variants)."),
+         objects: int = typer.Option(1, "--objects", help="Objects injected per description (insert and swap "
+                                                          "variants)."),
          max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Length of the descriptions."),
          nlp: str = typer.Option("auto", "--nlp", help="NLP components reading object mentions: auto, nltk or "
                                                        "offline."),

@@ -32,8 +32,8 @@ from halluscope.training.apasi.graph import Description, ListSentence, ObjectGra
 from halluscope.training.apasi.sentences import Sentence, choose_sentences, replace_count
 
 __all__ = ["DROP_REASONS", "GUIDE_TEMPLATES", "VARIANTS", "Plan", "choose_guide", "choose_position",
-           "guide_candidates", "insert_item", "plan_injection", "plan_insert", "plan_replace", "plan_swap", "render_list",
-           "surface_words", "with_article"]
+           "guide_candidates", "insert_item", "plan_injection", "plan_insert", "plan_replace", "plan_swap",
+           "render_list", "surface_words", "with_article"]
 
 #: `--variant` values: "auto" replaces where the rate leaves at least one sentence to replace, else inserts.
 VARIANTS = ("auto", "replace", "insert", "swap")
