@@ -46,9 +46,12 @@ def data(model: str = _MODEL,
          variant: str = typer.Option("auto", "--variant",
                                      help="replace (the paper's: sentences replaced by a guide phrase the model "
                                           "continues blind), insert (an absent object added to a list sentence), "
-                                          "swap (a list item other than the first traded for an absent object) "
-                                          "or auto (replace where the rate leaves a sentence to replace, else "
-                                          "insert)."),
+                                          "swap (a list item other than the first traded for an absent object), "
+                                          "auto (replace where the rate leaves a sentence to replace, else "
+                                          "insert), or self-check (ours: the model asked POPE's question about "
+                                          "each object it names; its description against itself less the "
+                                          "objects it answers no about, plus a control pair leaving out one it "
+                                          "confirms)."),
          rate: float = typer.Option(0.2, "--rate", help="Share of sentences replaced (replace variant)."),
          top_k: int = typer.Option(10, "--top-k", help="Guide objects are drawn from this many most co-occurring "
                                                       "absent objects of a remaining object."),

@@ -85,6 +85,15 @@ def images(tmp_path_factory) -> Path:
     return root
 
 
+def _reader():
+    from halluscope.metrics.nlp import load_nlp
+    from halluscope.metrics.vocabulary import ObjectVocabulary
+    from halluscope.training.apasi.graph import MentionReader
+
+    return MentionReader(ObjectVocabulary.from_synonyms("shapes", {k: list(v) for k, v in SCENE_SYNONYMS.items()}),
+                         load_nlp("offline"))
+
+
 def _data(cli, taught, images, out, *extra):
     return cli("apasi", "data", "--model", taught, "--images", images, "--n", "4", "--max-new-tokens", "40",
                "--out", out, *extra)
@@ -181,6 +190,35 @@ def test_apasi_swap_variant_keeps_the_number_of_list_items(cli, taught, images, 
             row.chosen.count(" and ")  # as many list items as the chosen side
         assert not any(g in row.chosen for g in row.guide_objects)
         assert all(g in row.rejected for g in row.guide_objects)
+
+
+def test_apasi_self_check_variant_asks_about_every_named_object_and_pairs_the_checked_description(
+        cli, taught, images, tmp_path):
+    data = tmp_path / "data"
+    code, out, err = _data(cli, taught, images, data, "--variant", "self-check")
+    assert code == 0, err
+    descriptions = pd.read_parquet(data / "descriptions.parquet")["description"].tolist()
+    named = [dict.fromkeys(_reader().objects(text)) for text in descriptions]
+    checks = pd.read_parquet(data / "checks.parquet")
+    assert list(zip(checks["item"], checks["object"])) == [(k, obj) for k, objs in enumerate(named) for obj in objs]
+    # the taught model answers every question with a description, which POPE's rule reads as "yes"
+    assert set(checks["answer"]) == {"yes"}
+    pairs = pd.read_parquet(data / "pairs.parquet")
+    assert set(pairs["variant"]) == {"omit"} and sorted(pairs["item"]) == [0, 1, 2, 3] and "pairs, omit" in out
+    for row in pairs.itertuples():  # the description itself against it with one item fewer
+        assert row.chosen == descriptions[row.item]
+        assert row.rejected.count(",") + row.rejected.count(" and ") + 1 == row.chosen.count(",") + \
+            row.chosen.count(" and ")
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert manifest["steps"]["apasi-data"]["arguments"]["check"]["rule"] == "pope"
+    assert manifest["steps"]["apasi-check"]["summary"] == {"questions": len(checks), "answered_no": 0}
+    assert manifest["steps"]["apasi-data"]["summary"]["dropped"] == {
+        "self-check: the model answered yes about every object its description names": 4}
+
+    stamp = {p: p.stat().st_mtime_ns for p in (data / "parts" / "apasi-check").iterdir()}
+    code, _, err = _data(cli, taught, images, data, "--variant", "self-check")
+    assert code == 0, err  # a rerun asks nothing again
+    assert {p: p.stat().st_mtime_ns for p in (data / "parts" / "apasi-check").iterdir()} == stamp
 
 
 def _one_error_line(err: str) -> str:

@@ -1,6 +1,7 @@
 """APASI's data rules, checked by hand: sentence splitting, how many and which sentences are replaced, the guide
-object's choice, the insert variant's list grammar, the co-occurrence graph, the curriculum, and the chat-template
-rendering that feeds TRL's collator (compared token for token with what generation encodes, on every family)."""
+object's choice, the insert variant's list grammar, the self-check variant's pairs, the co-occurrence graph, the
+curriculum, and the chat-template rendering that feeds TRL's collator (compared token for token with what
+generation encodes, on every family)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from halluscope.training.apasi.inject import (
     plan_swap,
     render_list,
 )
+from halluscope.training.apasi.selfcheck import check_questions, read_answers, self_check_texts
 from halluscope.training.apasi.sentences import (
     choose_sentences,
     first_sentence,
@@ -194,6 +196,44 @@ def test_swap_plan_trades_a_later_item_for_an_absent_object(reader):
     assert plan_swap(read_description("A circle.", reader), graph, random.Random(0), top_k=10) == "short_list"
     assert plan_swap(read_description("A square on the left.", reader), graph, random.Random(0),
                      top_k=10) == "short_list"
+
+
+# ---- the self-check variant --------------------------------------------------------------------------------------
+
+def test_self_check_leaves_out_what_the_model_doubts_and_omits_one_confirmed_phrase(reader):
+    text = "A red circle, two squares, a blue hexagon and a star."
+    description = read_description(text, reader)
+    answers = read_answers([(0, "circle"), (0, "square"), (0, "hexagon"), (0, "star")],
+                           ["The circle is in the image.", "Yes, there is.", "No, there is not.", "Yes."])
+    assert answers == {0: {"circle": "yes", "square": "yes", "hexagon": "no", "star": "yes"}}
+    for seed in range(10):
+        made = self_check_texts(description, answers[0], random.Random(seed))
+        assert made["checked"] == "A red circle, two squares and a star."
+        assert made["doubted"] == ["hexagon"] and made["reasons"] == []
+        omitted = read_description(made["omit_rejected"], reader).objects
+        assert len(made["omitted"]) == 1 and made["omitted"][0] not in omitted and "hexagon" not in omitted
+        assert sorted([*omitted, *made["omitted"]]) == ["circle", "square", "star"]
+    first = self_check_texts(description, {"circle": "no"}, random.Random(0))
+    assert first["checked"] == "Two squares, a blue hexagon and a star."  # the new first item capitalised
+
+
+def test_self_check_drops_whole_sentences_outside_lists_and_names_why_a_pair_is_missing(reader):
+    prose = read_description("A circle is on the left. A star is near it. The sky is blue.", reader)
+    made = self_check_texts(prose, {"circle": "yes", "star": "no"}, random.Random(0))
+    assert made["checked"] == "A circle is on the left. The sky is blue."
+    assert made["omit_rejected"] is None and made["reasons"] == ["one_phrase"]
+    confirmed = self_check_texts(prose, {"circle": "yes", "star": "yes"}, random.Random(0))
+    assert confirmed["checked"] == prose.sentences[0].text + " " + " ".join(s.text for s in prose.sentences[1:])
+    assert confirmed["doubted"] == [] and confirmed["reasons"] == ["all_confirmed"]
+    assert confirmed["omit_rejected"] in ("A star is near it. The sky is blue.",
+                                          "A circle is on the left. The sky is blue.")
+    doubted = self_check_texts(prose, {"circle": "no", "star": "no"}, random.Random(0))
+    assert doubted["checked"] is None and doubted["omit_rejected"] is None and doubted["reasons"] == ["all_doubted"]
+
+
+def test_self_check_asks_once_about_each_object_a_description_names(reader):
+    read = [read_description("A circle, a star and two circles.", reader), read_description("A bolt.", reader)]
+    assert check_questions(read) == [(0, "circle"), (0, "star"), (1, "bolt")]
 
 
 # ---- the replace variant -----------------------------------------------------------------------------------------

@@ -5,8 +5,10 @@ resumable run directory (step "apasi-data"; its arguments are the run's identity
     RUN/descriptions.parquet  item, image_id, prompt, description: the model's greedy descriptions (stage 1)
     RUN/graph.json            object counts, co-occurrences, neighbours, phrasings and order (stage 2)
     RUN/pairs.parquet         item, image_id, prompt, chosen, rejected, variant, guide_objects, n_sentences,
-                              replaced (stage 3: one pair per description that could be injected)
-    RUN/parts/apasi-describe/, parts/apasi-continue/   finished shards of the two model stages
+                              replaced (stage 3: one pair per description that could be injected; the
+                              self-check variant: up to two, `selfcheck.py`)
+    RUN/checks.parquet        item, object, reply, answer: the self-check variant's questions and the model's replies
+    RUN/parts/apasi-describe/, parts/apasi-continue/, parts/apasi-check/   finished shards of the model stages
 
 Stage 1 and the blind continuation of stage 3 are written in shards, so an interrupted run resumes where it
 stopped; stage 2 and the injection plans are recomputed (they are cheap and deterministic). Each description's
@@ -30,16 +32,21 @@ from halluscope.steps import Progress, fill_parts, load_model, no_progress
 from halluscope.tasks.scenes import derive_seed
 from halluscope.training.apasi.continuation import CONTINUATION, complete_plans
 from halluscope.training.apasi.graph import Description, MentionReader, ObjectGraph, build_graph, read_description
-from halluscope.training.apasi.inject import DROP_REASONS, VARIANTS, Plan, plan_injection, surface_words
+from halluscope.training.apasi.inject import DROP_REASONS, Plan, plan_injection, surface_words
+from halluscope.training.apasi.inject import VARIANTS as INJECTION_VARIANTS
+from halluscope.training.apasi.selfcheck import CHECK, SELF_CHECK, check_questions, question, read_answers, \
+    self_check_texts
 from halluscope.training.apasi.sentences import join_sentences
 from halluscope.training.apasi.sources import load_images
 
-__all__ = ["DATA_STEP", "DESCRIPTION_DECODING", "PAIR_COLUMNS", "apasi_data_step", "check_data_options"]
+__all__ = ["DATA_STEP", "DESCRIPTION_DECODING", "PAIR_COLUMNS", "VARIANTS", "apasi_data_step", "check_data_options"]
 
 #: The run step that makes preference data (and the first step of a data run).
 DATA_STEP = "apasi-data"
 #: How the chosen descriptions are decoded.
 DESCRIPTION_DECODING = "greedy (do_sample=False, num_beams=1; the checkpoint's sampling settings ignored)"
+#: `--variant` values: the injection variants (`inject.py`) and the self-check (`selfcheck.py`).
+VARIANTS = (*INJECTION_VARIANTS, SELF_CHECK)
 #: The columns of `pairs.parquet`.
 PAIR_COLUMNS = ("item", "image_id", "prompt", "chosen", "rejected", "variant", "guide_objects", "n_sentences",
                 "replaced")
@@ -72,7 +79,7 @@ def apasi_data_step(out: str | Path, *, model: str, images: str = "synthetic", n
         seed: the synthetic scenes, the directory's image draw and every injection draw. `bench` uses 0: keep
             the training images apart from the benchmark's.
         prompt: the instruction the descriptions answer (default CHAIR's, `metrics.chair.CHAIR_PROMPT`).
-        variant: "replace", "insert", "swap" or "auto" (`inject.plan_injection`).
+        variant: "replace", "insert", "swap" or "auto" (`inject.plan_injection`), or "self-check" (`selfcheck.py`).
         rate: share of sentences replaced (replace variant). top_k: how many of a remaining object's most
             co-occurring absent objects the guide object is drawn from. objects: objects injected (insert, swap).
         max_new_tokens: length of the greedy descriptions.
@@ -99,6 +106,8 @@ def apasi_data_step(out: str | Path, *, model: str, images: str = "synthetic", n
                  "max_new_tokens": max_new_tokens, "description_decoding": DESCRIPTION_DECODING,
                  "continuation": CONTINUATION, "vocabulary": source.vocabulary.name, "chair_method": "opera",
                  "nlp": nlp, "nlp_components": dict(components.names), "batch_size": batch_size}
+    if variant == SELF_CHECK:
+        arguments["check"] = CHECK
     with writer_lock(out, create=True):
         run = Run.create(out, step=DATA_STEP, arguments=arguments, model=vlm.describe(), force=force)
         if not run.has_table("images"):
@@ -110,12 +119,16 @@ def apasi_data_step(out: str | Path, *, model: str, images: str = "synthetic", n
         read = [read_description(text, reader) for text in descriptions["description"]]
         graph = build_graph(read, source.vocabulary.name)
         run.write_json("graph", graph.to_dict())
-        words = surface_words(source.vocabulary)
-        plans = [plan_injection(d, graph, words, random.Random(derive_seed(seed, "apasi-inject", item)),
-                                variant=variant, rate=rate, top_k=top_k, objects=objects)
-                 for item, d in enumerate(read)]
-        rejected = _rejected(run, vlm, plans, prompt, batch_size=batch_size, force=force, progress=progress)
-        pairs, dropped = _pairs(descriptions, read, plans, rejected, reader)
+        if variant == SELF_CHECK:
+            answers = _check(run, vlm, items, read, batch_size=batch_size, force=force, progress=progress)
+            pairs, dropped = _self_check_pairs(descriptions, read, answers, seed)
+        else:
+            words = surface_words(source.vocabulary)
+            plans = [plan_injection(d, graph, words, random.Random(derive_seed(seed, "apasi-inject", item)),
+                                    variant=variant, rate=rate, top_k=top_k, objects=objects)
+                     for item, d in enumerate(read)]
+            rejected = _rejected(run, vlm, plans, prompt, batch_size=batch_size, force=force, progress=progress)
+            pairs, dropped = _pairs(descriptions, read, plans, rejected, reader)
         run.write_table("pairs", pairs)
         summary = _summary(pairs, dropped, graph, n_images=len(items), seconds=time.time() - began)
         if source.truth is not None and len(pairs):
@@ -192,6 +205,56 @@ def _pairs(descriptions: pd.DataFrame, read: list[Description], plans: list[Plan
         rows.append({"item": item, "image_id": row.image_id, "prompt": row.prompt, "chosen": row.description,
                      "rejected": text, "variant": plan.variant, "guide_objects": list(plan.guides),
                      "n_sentences": len(read[item].sentences), "replaced": list(plan.pending)})
+    return pd.DataFrame(rows, columns=list(PAIR_COLUMNS)), dropped
+
+
+def _check(run: Run, vlm, items: pd.DataFrame, read: list[Description], *, batch_size: int, force: bool,
+           progress: Progress) -> dict[int, dict[str, str]]:
+    """The self-check's model stage: the model's greedy reply to POPE's question about every object each
+    description names (in shards; also written as `checks.parquet`); returns item -> {object: "yes" or "no"}."""
+    from halluscope.evaluation import iter_replies
+
+    step = "apasi-check"
+    sub = Run.open(run.path)
+    sub.begin_step(step, {**CHECK, "batch_size": batch_size}, force=force)
+    questions = check_questions(read)
+    images = items["image"].tolist()
+
+    def compute(vlm, rows: Sequence, start: int) -> Iterator[pd.DataFrame]:
+        asked = [(images[item], question(obj)) for item, obj in rows]
+        for replies in iter_replies(vlm, asked, batch_size=batch_size, max_new_tokens=CHECK["max_new_tokens"]):
+            yield pd.DataFrame({"row": range(start, start + len(replies)), "reply": [r for r, _ in replies]})
+            start += len(replies)
+
+    table = fill_parts(sub.parts(step), questions, compute, chunk=max(batch_size, 64), progress=progress,
+                       description="check", vlm=vlm)
+    replies = table.sort_values("row")["reply"].tolist()
+    answers = read_answers(questions, replies)
+    run.write_table("checks", pd.DataFrame({"item": [item for item, _ in questions],
+                                            "object": [obj for _, obj in questions], "reply": replies,
+                                            "answer": [answers[item][obj] for item, obj in questions]}))
+    sub.finish_step(step, {"questions": len(questions), "answered_no": sum(
+        answer == "no" for per_item in answers.values() for answer in per_item.values())})
+    return answers
+
+
+def _self_check_pairs(descriptions: pd.DataFrame, read: list[Description], answers: dict[int, dict[str, str]],
+                      seed: int) -> tuple[pd.DataFrame, Counter]:
+    """The self-check and omit pairs of every description (`selfcheck.self_check_texts`), and the number of
+    pairs not made per reason."""
+    rows, dropped = [], Counter()
+    for item, row in enumerate(descriptions.itertuples(index=False)):
+        made = self_check_texts(read[item], answers.get(item, {}),
+                                random.Random(derive_seed(seed, "apasi-omit", item)))
+        dropped.update(made["reasons"])
+        common = {"item": item, "image_id": row.image_id, "prompt": row.prompt,
+                  "n_sentences": len(read[item].sentences), "replaced": []}
+        if made["checked"] is not None and made["doubted"]:
+            rows.append({**common, "chosen": made["checked"], "rejected": row.description, "variant": SELF_CHECK,
+                         "guide_objects": made["doubted"]})
+        if made["omit_rejected"] is not None:
+            rows.append({**common, "chosen": made["checked"], "rejected": made["omit_rejected"], "variant": "omit",
+                         "guide_objects": []})
     return pd.DataFrame(rows, columns=list(PAIR_COLUMNS)), dropped
 
 
