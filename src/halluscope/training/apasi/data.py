@@ -250,8 +250,9 @@ def _self_check_pairs(descriptions: pd.DataFrame, read: list[Description], answe
         common = {"item": item, "image_id": row.image_id, "prompt": row.prompt,
                   "n_sentences": len(read[item].sentences), "replaced": []}
         if made["checked"] is not None and made["doubted"]:
-            rows.append({**common, "chosen": made["checked"], "rejected": row.description, "variant": SELF_CHECK,
-                         "guide_objects": made["doubted"]})
+            # both sides without outer whitespace, so that layout tells them apart nowhere
+            rows.append({**common, "chosen": made["checked"], "rejected": row.description.strip(),
+                         "variant": SELF_CHECK, "guide_objects": made["doubted"]})
         if made["omit_rejected"] is not None:
             rows.append({**common, "chosen": made["checked"], "rejected": made["omit_rejected"], "variant": "omit",
                          "guide_objects": []})
