@@ -113,7 +113,7 @@ def self_check_texts(description: Description, answers: Mapping[str, str], rng: 
          has fewer than two phrases), "reasons": keys of `inject.DROP_REASONS` for the pairs not made}.
     """
     found = phrases(description)
-    doubted = [obj for obj in dict.fromkeys(description.objects) if answers.get(obj) == "no"]
+    doubted = [obj for obj in dict.fromkeys(o for p in found for o in p.objects) if answers.get(obj) == "no"]
     out_phrases = [p for p in found if set(p.objects) & set(doubted)]
     kept = [p for p in found if p not in out_phrases]
     reasons = []
