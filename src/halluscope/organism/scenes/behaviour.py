@@ -66,8 +66,10 @@ def behaviour_report(vlm, *, n_images: int = 100, seed: int = HELD_OUT_SEED, bat
         **_hallucinated_neighbours(chair_details, config),
         "examples": [{"image_id": int(row.image_id), "caption": row.caption, "ground_truth": list(row.ground_truth),
                       "hallucinated": list(row.hallucinated)} for row in chair_details.head(5).itertuples()],
-        "settings": {"pope": {k: v for k, v in pope["summary"].items() if k != "table"},
-                     "chair": {k: v for k, v in chair["summary"].items() if k != "table"}},
+        # without the path the model was loaded from: the card sits in the model's directory, and a path of the
+        # machine that wrote it would say nothing elsewhere
+        "settings": {name: {k: v for k, v in run["summary"].items() if k not in ("table", "model")}
+                     for name, run in (("pope", pope), ("chair", chair))},
         "n_parameters": sum(p.numel() for p in vlm.model.parameters()), "held_out_seed": seed,
     }
 
