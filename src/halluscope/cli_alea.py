@@ -40,6 +40,11 @@ def locate(model: str = _MODEL,
                                            help="Pairs to build, repeatable: caption (the default), pope."),
            complete: bool = typer.Option(True, "--complete/--no-complete",
                                          help="Add the present objects a caption left out to its grounded version."),
+           doubt: Optional[float] = typer.Option(None, "--doubt",
+                                                 help="Ask the model about each absent object its captions name "
+                                                      "and take as hallucinated only those whose P(yes) is below "
+                                                      "this (e.g. 0.5); the rest stay in the grounded caption "
+                                                      "(default: every absent object, the paper's)."),
            prompt: Optional[str] = typer.Option(None, "--prompt", help="Caption prompt (default 'Describe this "
                                                                         "image.')."),
            template: Optional[str] = typer.Option(None, "--template", help="POPE question template with one {}."),
@@ -64,8 +69,8 @@ def locate(model: str = _MODEL,
     from halluscope.training.alea.step import locate_step
 
     located = locate_step(out, model=model, images=images, n=n, seed=seed, kinds=kinds, complete=complete,
-                          prompt=prompt, template=template, nlp=nlp, locate_pairs=locate_pairs, score=score,
-                          max_layers=max_layers, modules=modules, batch_size=batch_size, force=force,
+                          doubt=doubt, prompt=prompt, template=template, nlp=nlp, locate_pairs=locate_pairs,
+                          score=score, max_layers=max_layers, modules=modules, batch_size=batch_size, force=force,
                           progress=progress_bar)
     Console().print(f"located layers {located['layers']} ({', '.join(located['modules'])}: "
                     f"{located['n_parameters']:,} parameters, {100 * located['share_of_model']:.1f}% of the model) "

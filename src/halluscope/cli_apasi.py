@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from halluscope.cli import app, progress_bar
-from halluscope.training.apasi.settings import DPOSettings
+from halluscope.training.apasi.settings import DOUBT, DPOSettings
 
 __all__ = ["apasi_app", "data", "train"]
 
@@ -50,13 +50,17 @@ def data(model: str = _MODEL,
                                           "auto (replace where the rate leaves a sentence to replace, else "
                                           "insert), or self-check (ours: the model asked POPE's question about "
                                           "each object it names; its description against itself less the "
-                                          "objects it answers no about, plus a control pair leaving out one it "
+                                          "objects it doubts (--doubt), plus a control pair leaving out one it "
                                           "confirms)."),
          rate: float = typer.Option(0.2, "--rate", help="Share of sentences replaced (replace variant)."),
          top_k: int = typer.Option(10, "--top-k", help="Guide objects are drawn from this many most co-occurring "
                                                       "absent objects of a remaining object."),
          objects: int = typer.Option(1, "--objects", help="Objects injected per description (insert and swap "
                                                           "variants)."),
+         doubt: float = typer.Option(DOUBT, "--doubt", help="self-check: an object is doubted, and left out of the "
+                                                            "preferred description, when the model's P(yes) about "
+                                                            "it is below this (0.5: the objects it answers no "
+                                                            "about)."),
          max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Length of the descriptions."),
          nlp: str = typer.Option("auto", "--nlp", help="NLP components reading object mentions: auto, nltk or "
                                                        "offline."),
@@ -68,8 +72,8 @@ def data(model: str = _MODEL,
     from halluscope.training.apasi.data import apasi_data_step
 
     result = apasi_data_step(out, model=model, images=images, n=n, seed=seed, prompt=prompt, variant=variant,
-                             rate=rate, top_k=top_k, objects=objects, max_new_tokens=max_new_tokens, nlp=nlp,
-                             batch_size=batch_size, force=force, progress=progress_bar)
+                             rate=rate, top_k=top_k, objects=objects, doubt=doubt, max_new_tokens=max_new_tokens,
+                             nlp=nlp, batch_size=batch_size, force=force, progress=progress_bar)
     summary = result["summary"]
     shown = Table(title=f"APASI pairs ({result['run'].path})")
     shown.add_column("what")

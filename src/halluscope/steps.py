@@ -18,8 +18,8 @@ from halluscope.errors import InputError, RunError
 from halluscope.runs import TABLE_PRODUCERS, Run, locked_step, writer_lock
 from halluscope.scale import LOCAL, ModelSource, Scale, map_shards
 
-__all__ = ["Progress", "no_progress", "fill_parts", "load_model", "run_model", "load_means", "eval_step", "means_step",
-           "sweep_step", "rank_step", "confirm_step", "ablate_step", "ablation_name", "head_spec"]
+__all__ = ["Progress", "no_progress", "fill_parts", "sharded_step", "load_model", "run_model", "load_means",
+           "eval_step", "means_step", "sweep_step", "rank_step", "confirm_step", "ablate_step", "ablation_name", "head_spec"]
 
 Progress = Callable[[str, int], ContextManager[Callable[..., None]]]
 
@@ -145,6 +145,22 @@ def fill_parts(parts, rows: Sequence, compute: Callable[[Any, Sequence, int], It
         map_shards(shards, functools.partial(_fill_shard, compute), parts.write, model=ModelSource(vlm), scale=scale,
                    on_part=lambda key, frame: advance(len(frame)))
     return parts.read_all()
+
+
+def sharded_step(run: Run, step: str, arguments: dict[str, Any], rows: Sequence, compute, *,
+                 columns: Sequence[str], chunk: int, force: bool, progress: Progress, vlm) -> pd.DataFrame:
+    """A model stage as its own resumable step of `run` (begun with `arguments`, then finished): the `columns` of
+    `compute`'s frames for `rows` (`fill_parts`), from finished shards plus the rest, ordered by the first column
+    (the row's index). The progress bar is named after the step less its method prefix ("apasi-check": "check")."""
+    sub = Run.open(run.path)
+    sub.begin_step(step, arguments, force=force)
+    table = pd.DataFrame(columns=list(columns))
+    if rows:
+        table = fill_parts(sub.parts(step), rows, compute, chunk=chunk, progress=progress,
+                           description=step.split("-", 1)[-1], vlm=vlm)
+        table = table[list(columns)].sort_values(columns[0]).reset_index(drop=True)
+    sub.finish_step(step, {"rows": len(rows)})
+    return table
 
 
 def _fill_shard(compute: Callable[[Any, Sequence, int], Iterator[pd.DataFrame]], vlm,

@@ -114,6 +114,42 @@ def test_a_finished_edit_is_left_alone(model, located, edited, cli):
     assert (edited / "model.safetensors").stat().st_mtime_ns == stamp
 
 
+def test_locate_with_doubt_asks_about_every_absent_object_the_captions_name(model, tmp_path, cli):
+    out = tmp_path / "located"
+    args = ("alea", "locate", "--model", model, "--images", "synthetic", "--n", "8", "--kind", "caption", "--kind",
+            "pope", "--locate-pairs", "8", "--batch-size", "8", "--nlp", "offline", "--doubt", "0.5", "--out", out)
+    code, _, err = cli(*args)
+    assert code == 0, err
+    checks = pd.read_parquet(out / "checks.parquet")
+    annotations = json.loads((out / "annotations.json").read_text())
+    replies = pd.read_parquet(out / "replies.parquet").merge(pd.read_parquet(out / "items.parquet"), on="item")
+    captions = replies[replies["kind"] == "caption"]
+    from halluscope.metrics.chair import chair_ground_truth, extract_objects
+    from halluscope.metrics.nlp import load_nlp
+    from halluscope.metrics.vocabulary import ObjectVocabulary
+
+    vocabulary = ObjectVocabulary.from_synonyms(annotations["vocabulary_name"], annotations["vocabulary"])
+    nlp = load_nlp("offline")
+    truth = chair_ground_truth(annotations["instances"], annotations["captions"], image_ids=set(captions["image_id"]),
+                               vocabulary=vocabulary, nlp=nlp, method="opera")
+    named = [(i, o) for i, r in zip(captions["image_id"], captions["reply"])
+             for o in dict.fromkeys(extract_objects(r, vocabulary=vocabulary, nlp=nlp, method="opera").objects)
+             if o not in truth[i]]
+    assert named and list(zip(checks["image_id"], checks["object"])) == named  # the random model names some
+    assert checks["p_yes"].between(0.0, 1.0).all() and (checks["confirmed"] == (checks["p_yes"] >= 0.5)).all()
+    document = json.loads((out / "located.json").read_text())
+    assert document["absent_objects_named"] == len(named)
+    assert document["absent_objects_confirmed"] == int(checks["confirmed"].sum())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["steps"]["alea-locate"]["arguments"]["doubt"] == 0.5
+    assert manifest["steps"]["alea-check"]["summary"] == manifest["steps"]["alea-score"]["summary"] == {
+        "rows": len(named)}
+    stamp = {p: p.stat().st_mtime_ns for p in (out / "parts" / "alea-score").iterdir()}
+    code, _, err = cli(*args)
+    assert code == 0, err  # a rerun asks nothing again
+    assert {p: p.stat().st_mtime_ns for p in (out / "parts" / "alea-score").iterdir()} == stamp
+
+
 def test_edit_errors_are_one_line(model, located, tmp_path, tiny_dirs, cli):
     code, _, err = cli("alea", "edit", "--model", model, "--located", tmp_path / "nowhere", "--out", tmp_path / "a")
     assert code == 2 and "holds no located.json" in err and len(err.strip().splitlines()) == 1
@@ -127,6 +163,8 @@ def test_edit_errors_are_one_line(model, located, tmp_path, tiny_dirs, cli):
     (("--score", "norm"), "unknown --score 'norm'"),
     (("--module", "mlp.down"), "has no such module"),
     (("--images", "nowhere"), "neither 'synthetic' nor a directory"),
+    (("--doubt", "1.5"), "--doubt 1.5; expected a probability strictly between 0 and 1"),
+    (("--kind", "pope", "--doubt", "0.5"), "--doubt checks the objects of caption pairs"),
 ])
 def test_locate_errors_are_one_line_and_write_nothing(model, tmp_path, cli, extra, message):
     code, _, err = cli("alea", "locate", "--model", model, "--n", "2", "--out", tmp_path / "run", *extra)

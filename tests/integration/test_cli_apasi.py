@@ -202,7 +202,8 @@ def test_apasi_self_check_variant_asks_about_every_named_object_and_pairs_the_ch
     checks = pd.read_parquet(data / "checks.parquet")
     assert list(zip(checks["item"], checks["object"])) == [(k, obj) for k, objs in enumerate(named) for obj in objs]
     # the taught model answers every question with a description, which POPE's rule reads as "yes"
-    assert set(checks["answer"]) == {"yes"}
+    assert set(checks["answer"]) == {"yes"} and checks["p_yes"].between(0.5, 1.0).all()
+    assert not checks["doubted"].any()
     pairs = pd.read_parquet(data / "pairs.parquet")
     assert set(pairs["variant"]) == {"omit"} and sorted(pairs["item"]) == [0, 1, 2, 3] and "pairs, omit" in out
     for row in pairs.itertuples():  # the description itself against it with one item fewer
@@ -211,7 +212,9 @@ def test_apasi_self_check_variant_asks_about_every_named_object_and_pairs_the_ch
             row.chosen.count(" and ")
     manifest = json.loads((data / "manifest.json").read_text())
     assert manifest["steps"]["apasi-data"]["arguments"]["check"]["rule"] == "pope"
-    assert manifest["steps"]["apasi-check"]["summary"] == {"questions": len(checks), "answered_no": 0}
+    assert manifest["steps"]["apasi-data"]["arguments"]["doubt"] == 0.5
+    assert manifest["steps"]["apasi-check"]["summary"] == manifest["steps"]["apasi-score"]["summary"] == {
+        "rows": len(checks)}
     assert manifest["steps"]["apasi-data"]["summary"]["dropped"] == {
         "self-check: the model answered yes about every object its description names": 4}
 
@@ -219,6 +222,20 @@ def test_apasi_self_check_variant_asks_about_every_named_object_and_pairs_the_ch
     code, _, err = _data(cli, taught, images, data, "--variant", "self-check")
     assert code == 0, err  # a rerun asks nothing again
     assert {p: p.stat().st_mtime_ns for p in (data / "parts" / "apasi-check").iterdir()} == stamp
+
+    # a higher --doubt leaves out the object the model is least sure of: refused on this run, made with --force
+    low = checks.sort_values("p_yes").iloc[0]
+    doubt = f"{(low.p_yes + checks['p_yes'][checks['p_yes'] > low.p_yes].min()) / 2:.6f}"
+    code, _, err = _data(cli, taught, images, data, "--variant", "self-check", "--doubt", doubt)
+    assert code == 2 and "different inputs" in err and "--force" in err
+    code, out, err = _data(cli, taught, images, data, "--variant", "self-check", "--doubt", doubt, "--force")
+    assert code == 0, err
+    rechecked = pd.read_parquet(data / "checks.parquet")
+    assert rechecked["doubted"].tolist() == (rechecked["p_yes"] < float(doubt)).tolist()
+    assert rechecked["doubted"].sum() == 1 and "pairs, self-check" in out
+    (left_out,) = pd.read_parquet(data / "pairs.parquet").query("variant == 'self-check'").itertuples()
+    assert left_out.item == low["item"] and left_out.rejected == descriptions[low["item"]]
+    assert list(left_out.guide_objects) == [low.object] and low.object not in _reader().objects(left_out.chosen)
 
 
 def _one_error_line(err: str) -> str:
@@ -232,6 +249,7 @@ def _one_error_line(err: str) -> str:
     (("--variant", "shuffle"), "unknown --variant 'shuffle'"),
     (("--rate", "1.5"), "--rate 1.5; expected a fraction strictly between 0 and 1"),
     (("--top-k", "0"), "--top-k 0; expected a whole number >= 1"),
+    (("--doubt", "1"), "--doubt 1.0; expected a probability strictly between 0 and 1"),
     (("--n", "9"), "--n 9 is more than the 4 images"),
 ])
 def test_apasi_data_errors_are_one_line_and_write_nothing(cli, taught, images, tmp_path, extra, message):

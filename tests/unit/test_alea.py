@@ -11,12 +11,13 @@ from PIL import Image
 
 from halluscope.errors import InputError
 from halluscope.models import load_vlm
-from halluscope.training.alea.activations import answer_templates, caption_pairs, ground_caption, pope_pairs
+from halluscope.metrics.pope import answer_templates
+from halluscope.training.alea.activations import caption_pairs, ground_caption, pope_pairs
 from halluscope.training.alea.edit import EditConfig, edit_parameters
 from halluscope.training.alea.locate import layer_differentials, parameter_names, select_layers
 from halluscope.training.alea.optimise import optimise
 from halluscope.training.alea.prefix import SoftPrefix, initial_prefix, inserted, mean_nll, train_prefix
-from halluscope.training.alea.sequences import encode_responses, response_ids, response_nll
+from halluscope.training.sequences import encode_responses, response_ids, response_nll
 
 
 def _image(colour=(200, 40, 40), size=56) -> Image.Image:
@@ -68,6 +69,23 @@ def test_caption_pairs_add_the_present_objects_a_caption_left_out(complete, grou
     pairs = caption_pairs(captions, {1: {"circle", "heart", "arrow"}}, extract, lambda text: [len(text)],
                           complete=complete, order=["star", "circle", "heart"])
     assert pairs["grounded"].tolist() == [grounded]  # in the vocabulary's order, unlisted objects last
+
+
+def test_caption_pairs_leave_the_absent_objects_the_model_confirms_in_the_grounded_caption():
+    captions = pd.DataFrame({"image_id": [1, 2], "prompt": "Describe this image.",
+                             "reply": ["A circle, a star and a heart.", "A circle and a star."],
+                             "reply_ids": [[1, 2, 3], [1, 2]]})
+
+    def extract(text: str) -> list[str]:
+        return [w for w in ("circle", "star", "heart", "arrow") if w in text]
+
+    truth = {1: {"circle", "arrow"}, 2: {"circle"}}
+    pairs = caption_pairs(captions, truth, extract, lambda text: [len(text)], confirmed={1: {"star"}, 2: {"star"}})
+    assert pairs["image_id"].tolist() == [1]  # 2's only absent object is confirmed: no pair
+    # the doubted heart goes, the confirmed star stays, the missed arrow (present) is added, nothing else
+    assert pairs.iloc[0][["grounded", "object"]].tolist() == ["A circle, a star and an arrow.", "heart"]
+    plain = caption_pairs(captions, truth, extract, lambda text: [len(text)])
+    assert plain["grounded"].tolist() == ["A circle and an arrow.", "A circle."]
 
 
 def test_answer_templates_use_the_models_own_words_and_fall_back():

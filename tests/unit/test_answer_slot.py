@@ -9,7 +9,6 @@ import torch
 
 from halluscope.evaluation import evaluate
 from halluscope.sweep.engine import SweepItem, naive_score, prepare_score, score_prompt
-from halluscope.sweep.slot import place_answer
 from halluscope.tasks.scenes import color_scene, count_scene
 
 NOOP = dict(mode="scale", alpha=1.0)  # a knockout that changes nothing: scores the clean model

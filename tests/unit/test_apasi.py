@@ -203,9 +203,11 @@ def test_swap_plan_trades_a_later_item_for_an_absent_object(reader):
 def test_self_check_leaves_out_what_the_model_doubts_and_omits_one_confirmed_phrase(reader):
     text = "A red circle, two squares, a blue hexagon and a star."
     description = read_description(text, reader)
-    answers = read_answers([(0, "circle"), (0, "square"), (0, "hexagon"), (0, "star")],
-                           ["The circle is in the image.", "Yes, there is.", "No, there is not.", "Yes."])
+    questions = [(0, "circle"), (0, "square"), (0, "hexagon"), (0, "star")]
+    answers = read_answers(questions, [0.9, 0.5, 0.2, 0.55])
     assert answers == {0: {"circle": "yes", "square": "yes", "hexagon": "no", "star": "yes"}}
+    assert read_answers(questions, [0.9, 0.5, 0.2, 0.55], doubt=0.6)[0] == {
+        "circle": "yes", "square": "no", "hexagon": "no", "star": "no"}
     for seed in range(10):
         made = self_check_texts(description, answers[0], random.Random(seed))
         assert made["checked"] == "A red circle, two squares and a star."

@@ -6,7 +6,8 @@ Three parts, all pure functions with no model:
   does, with a seeded generator;
 - loading the published question files (JSON Lines: question_id, image, text, label);
 - reading answers with the reference parsers (named rules) and scoring each split: accuracy, precision, recall,
-  F1 and yes-ratio, with "yes" the positive class.
+  F1 and yes-ratio, with "yes" the positive class; and the model's own wording of each answer, for training
+  methods that need the answer it did not give.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import math
 import random
 import re
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -28,8 +30,11 @@ __all__ = [
     "ANSWER_RULES",
     "ARTICLE_RULES",
     "POPE_STRATEGIES",
+    "FALLBACK_ANSWERS",
     "POPE_TEMPLATE",
+    "answer_templates",
     "build_pope",
+    "fill_answer",
     "load_pope_questions",
     "parse_yes_no",
     "pope_metrics",
@@ -42,6 +47,9 @@ __all__ = [
 POPE_STRATEGIES: tuple[str, ...] = ("random", "popular", "adversarial")
 #: The reference question template.
 POPE_TEMPLATE = "Is there a {} in the image?"
+#: What a yes/no answer says when the model never gave that polarity in its own words (`answer_templates`).
+FALLBACK_ANSWERS = {"yes": "Yes", "no": "No"}
+_ANSWER_SLOT = "{}"
 #: Answer parsers: "pope" (RUCAIBox/POPE evaluate.py = LLaVA eval_pope.py), "opera" (OPERA pope_eval.py),
 #: "apasi" (APASI eval_pope.py: LLaVA's rule without the first-sentence cut).
 ANSWER_RULES: tuple[str, ...] = ("pope", "opera", "apasi")
@@ -297,6 +305,34 @@ def parse_yes_no(answer: str, rule: str = "pope") -> str:
     else:
         negative = any(w in _NEGATIONS[rule] for w in words)
     return "no" if negative else "yes"
+
+
+def _template(reply: str, name: str) -> str | None:
+    """`reply` with the object's name as the slot, or None when the reply does not say the name."""
+    found = re.search(rf"\b{re.escape(name)}\b", reply, flags=re.IGNORECASE)
+    if found is None:
+        return None
+    return reply[:found.start()] + _ANSWER_SLOT + reply[found.end():]
+
+
+def answer_templates(answers: Sequence[tuple[str, str, str]]) -> dict[str, str]:
+    """The model's most common wording of "yes" and of "no" (ties: the first seen), from its (object, reply,
+    parsed answer) triples, with "{}" where it names the object; `FALLBACK_ANSWERS` for a polarity it never gave.
+
+    Example:
+        >>> answer_templates([("star", "Yes, there is a star.", "yes"), ("bolt", "No, there is no bolt.", "no")])
+        {'yes': 'Yes, there is a {}.', 'no': 'No, there is no {}.'}
+    """
+    counts: dict[str, Counter] = {"yes": Counter(), "no": Counter()}
+    for name, reply, answer in answers:
+        counts[answer][_template(reply, name) or reply] += 1
+    return {answer: (found.most_common(1)[0][0] if found else FALLBACK_ANSWERS[answer])
+            for answer, found in counts.items()}
+
+
+def fill_answer(template: str, name: str) -> str:
+    """An `answer_templates` wording about object `name`."""
+    return template.replace(_ANSWER_SLOT, name, 1)
 
 
 def pope_metrics(labels: Sequence[str], predictions: Sequence[str]) -> dict[str, float | int]:

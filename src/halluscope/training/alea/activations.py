@@ -15,16 +15,15 @@ with what we have offline in place of GPT-written captions).
 from __future__ import annotations
 
 import re
-from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import pandas as pd
 
-from halluscope.metrics.pope import parse_yes_no
+from halluscope.metrics.pope import answer_templates, fill_answer, parse_yes_no
 from halluscope.tasks.object_scenes import list_phrases
 
-__all__ = ["FALLBACK_ANSWERS", "KINDS", "PAIR_COLUMNS", "answer_templates", "caption_pairs", "complete_caption",
+__all__ = ["KINDS", "PAIR_COLUMNS", "caption_pairs", "complete_caption",
            "ground_caption", "pope_pairs"]
 
 #: The kinds of pair, as `halluscope alea locate --kinds` takes them.
@@ -32,10 +31,7 @@ KINDS: tuple[str, ...] = ("caption", "pope")
 #: One row per pair; `*_ids` are the response token ids the later stages train on.
 PAIR_COLUMNS = ("kind", "image_id", "prompt", "object", "reply", "grounded", "hallucinated", "grounded_ids",
                 "hallucinated_ids")
-#: What a yes/no answer says when the model never gave that polarity in its own words.
-FALLBACK_ANSWERS = {"yes": "Yes", "no": "No"}
 
-_SLOT = "{}"
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _CLAUSE = re.compile(r"\s*[,;]\s*|\s+and\s+")
 
@@ -80,7 +76,8 @@ def complete_caption(caption: str, missing: Sequence[str]) -> str:
 
 def caption_pairs(captions: pd.DataFrame, truth: Mapping[Any, Collection[str]],
                   extract: Callable[[str], list[str]], response_ids: Callable[[str], list[int]], *,
-                  complete: bool = True, order: Sequence[str] = ()) -> pd.DataFrame:
+                  complete: bool = True, order: Sequence[str] = (),
+                  confirmed: Mapping[Any, Collection[str]] | None = None) -> pd.DataFrame:
     """Caption pairs (`PAIR_COLUMNS`) from the model's captions (image_id, prompt, reply, reply_ids).
 
     Args:
@@ -89,50 +86,30 @@ def caption_pairs(captions: pd.DataFrame, truth: Mapping[Any, Collection[str]],
         response_ids: text -> its token ids as a reply (for the grounded caption).
         complete: add the present objects the caption left out to the grounded caption (`complete_caption`), in
             the order of `order` (the vocabulary's node words; others after them, sorted).
+        confirmed: image id -> absent objects the model says are there (`alea locate --doubt`): they stay in the
+            grounded caption, and a caption naming no other absent object gives no pair.
     """
     rank = {name: k for k, name in enumerate(order)}
     rows = []
     for row in captions.itertuples(index=False):
         present = truth[row.image_id]
-        absent = [o for o in extract(row.reply) if o not in present]
+        kept = set(present) | set((confirmed or {}).get(row.image_id, ()))
+        absent = [o for o in extract(row.reply) if o not in kept]
         if not absent:
             continue
-        grounded = ground_caption(row.reply, lambda clause: any(o not in present for o in extract(clause)))
+        grounded = ground_caption(row.reply, lambda clause: any(o not in kept for o in extract(clause)))
         if grounded and complete:
             named = set(extract(grounded))
             grounded = complete_caption(grounded, sorted((o for o in present if o not in named),
                                                          key=lambda o: (rank.get(o, len(rank)), o)))
         named = extract(grounded) if grounded else []
-        if not named or any(o not in present for o in named):
+        if not named or any(o not in kept for o in named):
             continue
         rows.append({"kind": "caption", "image_id": row.image_id, "prompt": row.prompt,
                      "object": ",".join(dict.fromkeys(absent)), "reply": row.reply, "grounded": grounded,
                      "hallucinated": row.reply, "grounded_ids": response_ids(grounded),
                      "hallucinated_ids": list(row.reply_ids)})
     return pd.DataFrame(rows, columns=list(PAIR_COLUMNS))
-
-
-def _template(reply: str, name: str) -> str | None:
-    """`reply` with the object's name as the slot, or None when the reply does not say the name."""
-    found = re.search(rf"\b{re.escape(name)}\b", reply, flags=re.IGNORECASE)
-    if found is None:
-        return None
-    return reply[:found.start()] + _SLOT + reply[found.end():]
-
-
-def answer_templates(answers: Sequence[tuple[str, str, str]]) -> dict[str, str]:
-    """The model's most common wording of "yes" and of "no" (ties: the first seen), from its (object, reply,
-    parsed answer) triples, with "{}" where it names the object; `FALLBACK_ANSWERS` for a polarity it never gave.
-
-    Example:
-        >>> answer_templates([("star", "Yes, there is a star.", "yes"), ("bolt", "No, there is no bolt.", "no")])
-        {'yes': 'Yes, there is a {}.', 'no': 'No, there is no {}.'}
-    """
-    counts: dict[str, Counter] = {"yes": Counter(), "no": Counter()}
-    for name, reply, answer in answers:
-        counts[answer][_template(reply, name) or reply] += 1
-    return {answer: (found.most_common(1)[0][0] if found else FALLBACK_ANSWERS[answer])
-            for answer, found in counts.items()}
 
 
 def pope_pairs(questions: pd.DataFrame, response_ids: Callable[[str], list[int]], *,
@@ -154,5 +131,5 @@ def pope_pairs(questions: pd.DataFrame, response_ids: Callable[[str], list[int]]
 
 
 def _filled(template: str, name: str, response_ids: Callable[[str], list[int]]) -> tuple[str, list[int]]:
-    text = template.replace(_SLOT, name, 1)
+    text = fill_answer(template, name)
     return text, response_ids(text)

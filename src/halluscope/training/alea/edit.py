@@ -25,7 +25,7 @@ from halluscope.images import ImageLike
 from halluscope.training.alea.locate import located_parameters
 from halluscope.training.alea.optimise import batch_of, optimise, steps_for, trainable_only
 from halluscope.training.alea.prefix import SoftPrefix, inserted
-from halluscope.training.alea.sequences import encode_responses, response_kl, response_nll
+from halluscope.training.sequences import encode_responses, response_kl, response_nll
 
 __all__ = ["OPTIMIZERS", "EditConfig", "edit_parameters"]
 

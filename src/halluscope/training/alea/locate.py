@@ -24,7 +24,7 @@ import torch
 
 from halluscope.errors import InputError
 from halluscope.images import ImageLike
-from halluscope.training.alea.sequences import encode_responses
+from halluscope.training.sequences import encode_responses
 
 __all__ = ["DEFAULT_MODULES", "SCORES", "layer_differentials", "located_parameters", "parameter_names",
            "select_layers"]

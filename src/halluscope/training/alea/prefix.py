@@ -22,7 +22,7 @@ from torch import nn
 from halluscope.errors import InputError
 from halluscope.images import ImageLike
 from halluscope.training.alea.optimise import batch_of, optimise, steps_for, trainable_only
-from halluscope.training.alea.sequences import encode_responses, response_nll
+from halluscope.training.sequences import encode_responses, response_nll
 
 __all__ = ["SoftPrefix", "initial_prefix", "inserted", "mean_nll", "train_prefix"]
 

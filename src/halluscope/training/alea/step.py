@@ -15,6 +15,7 @@ killed edit resumes from it.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -27,7 +28,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from halluscope.errors import InputError, RunError
+from halluscope.errors import InputError
 from halluscope.runs import Run, writer_lock
 from halluscope.steps import Progress, fill_parts, load_model, no_progress
 from halluscope.training.alea.activations import KINDS, caption_pairs, pope_pairs
@@ -35,7 +36,8 @@ from halluscope.training.alea.edit import EditConfig, edit_parameters
 from halluscope.training.alea.locate import (DEFAULT_MODULES, SCORES, layer_differentials, located_parameters,
                                              parameter_names, select_layers)
 from halluscope.training.alea.prefix import SoftPrefix, initial_prefix, mean_nll, train_prefix
-from halluscope.training.alea.sequences import response_ids
+from halluscope.training.checks import CHECK, check_objects
+from halluscope.training.sequences import response_ids
 
 __all__ = ["LOCATED", "edit_step", "locate_step", "read_located"]
 
@@ -120,8 +122,10 @@ def _replies(run: Run, vlm, items: pd.DataFrame, image_of: dict, *, batch_size: 
 
 
 def _pairs(vlm, items: pd.DataFrame, replies: pd.DataFrame, annotations: dict[str, Any], *, nlp: str,
-           chair_method: str, complete: bool) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """The activation dataset from the replies, and what it was built with."""
+           chair_method: str, complete: bool, confirm: Callable[[list[tuple[Any, str]]], dict[Any, set[str]]] | None
+           ) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The activation dataset from the replies, and what it was built with. `confirm`, given the (image id,
+    object) of every absent object the captions name, returns those the model confirms by image id."""
     from halluscope.metrics.chair import chair_ground_truth, extract_objects
     from halluscope.metrics.nlp import load_nlp
     from halluscope.metrics.vocabulary import ObjectVocabulary, coco_vocabulary
@@ -142,17 +146,37 @@ def _pairs(vlm, items: pd.DataFrame, replies: pd.DataFrame, annotations: dict[st
         def extract(text: str) -> list[str]:
             return extract_objects(text, vocabulary=vocabulary, nlp=components, method=chair_method).objects
 
+        absent = [(i, o) for i, r in zip(captions["image_id"], captions["reply"])
+                  for o in dict.fromkeys(extract(r)) if o not in truth[i]]
+        confirmed = confirm(absent) if confirm is not None else None
         frames.append(caption_pairs(captions, truth, extract, to_ids, complete=complete,
-                                    order=vocabulary.node_words))
+                                    order=vocabulary.node_words, confirmed=confirmed))
         notes = {"vocabulary": vocabulary.name, "nlp_components": dict(components.names),
-                 "captions_with_absent_objects": int(sum(any(o not in truth[i] for o in extract(r))
-                                                         for i, r in zip(captions["image_id"], captions["reply"])))}
+                 "captions_with_absent_objects": len({i for i, _ in absent})}
+        if confirmed is not None:
+            notes["absent_objects_named"] = len(absent)
+            notes["absent_objects_confirmed"] = sum(map(len, confirmed.values()))
     questions = answered[answered["kind"] == "pope"]
     if len(questions):
         frames.append(pope_pairs(questions, to_ids, rule=_RULE))
     pairs = pd.concat(frames, ignore_index=True)
     pairs.insert(0, "pair", range(len(pairs)))
     return pairs, notes
+
+
+def _confirmed(run: Run, vlm, image_of: dict, asked: list[tuple[Any, str]], *, doubt: float, batch_size: int,
+               force: bool, progress: Progress) -> dict[Any, set[str]]:
+    """The absent objects the model confirms (P(yes) >= doubt, `training.checks`), by image id, from the (image id,
+    object) `asked`; every answer is written as `checks.parquet`."""
+    checked = check_objects(run, vlm, [(image_of[i], o) for i, o in asked], prefix="alea", batch_size=batch_size,
+                            force=force, progress=progress)
+    checked = checked.assign(image_id=[i for i, _ in asked], object=[o for _, o in asked],
+                             confirmed=checked["p_yes"] >= doubt)
+    run.write_table("checks", checked[["image_id", "object", "reply", "answer", "p_yes", "confirmed"]])
+    confirmed: dict[Any, set[str]] = {}
+    for image_id, obj in checked.loc[checked["confirmed"], ["image_id", "object"]].itertuples(index=False):
+        confirmed.setdefault(image_id, set()).add(obj)
+    return confirmed
 
 
 def _differentials(vlm, pairs: pd.DataFrame, image_of: dict, *, n: int, seed: int,
@@ -171,8 +195,8 @@ def _differentials(vlm, pairs: pd.DataFrame, image_of: dict, *, n: int, seed: in
 
 
 def locate_step(out: str | os.PathLike, *, model: str, images: str = "synthetic", n: int = 100, seed: int = 1,
-                kinds: Sequence[str] = ("caption",), complete: bool = True, prompt: str | None = None,
-                template: str | None = None, nlp: str = "auto", chair_method: str = "opera",
+                kinds: Sequence[str] = ("caption",), complete: bool = True, doubt: float | None = None,
+                prompt: str | None = None, template: str | None = None, nlp: str = "auto", chair_method: str = "opera",
                 locate_pairs: int = 50, score: str = "residual",
                 max_layers: int | None = None, modules: Sequence[str] = DEFAULT_MODULES, batch_size: int = 16,
                 force: bool = False, vlm=None, progress: Progress = no_progress) -> dict[str, Any]:
@@ -185,6 +209,9 @@ def locate_step(out: str | os.PathLike, *, model: str, images: str = "synthetic"
         kinds: the pairs built, "caption" and/or "pope" (`activations.py`); ALEAHallu edits for CHAIR on caption
             pairs and, in a separate run, for POPE on POPE pairs.
         complete: add the present objects a caption left out to its grounded version (`activations.caption_pairs`).
+        doubt: ask the model about every absent object its captions name (`training.checks`) and take as
+            hallucinated only those it doubts (P(yes) < doubt); the ones it confirms stay in the grounded caption,
+            since it cannot tell them from present ones. None (the paper's): every absent object is hallucinated.
         prompt, template: the caption prompt and POPE's question template (default the benchmarks').
         nlp, chair_method: CHAIR's NLP components and word extraction, for finding absent objects in captions.
         locate_pairs: pairs (drawn with `seed`) whose differentials locate the layers (ALEAHallu: 50).
@@ -203,12 +230,18 @@ def locate_step(out: str | os.PathLike, *, model: str, images: str = "synthetic"
         raise InputError(f"unknown --score {score!r}; use one of {', '.join(SCORES)}")
     if locate_pairs < 1 or (max_layers is not None and max_layers < 1):
         raise InputError(f"--locate-pairs {locate_pairs}, --max-layers {max_layers}: expected counts >= 1")
+    if doubt is not None and not 0.0 < doubt < 1.0:
+        raise InputError(f"--doubt {doubt!r}; expected a probability strictly between 0 and 1, e.g. 0.5")
+    if doubt is not None and "caption" not in kinds:
+        raise InputError("--doubt checks the objects of caption pairs; add --kind caption or leave out --doubt")
     vlm = vlm if vlm is not None else load_model(model)
     parameter_names(vlm, [0], modules)  # an unknown module fails here, before anything is written
     arguments = {"images": images if images == "synthetic" else str(Path(images).resolve()), "n": n, "seed": seed,
                  "kinds": kinds, "complete": complete, "prompt": prompt, "template": template, "answer_rule": _RULE,
                  "nlp": nlp, "chair_method": chair_method, "locate_pairs": locate_pairs, "score": score,
                  "max_layers": max_layers, "modules": list(modules), "batch_size": batch_size}
+    if doubt is not None:
+        arguments.update(doubt=doubt, check=CHECK)
     built = None if not force and Run.exists(out) else _items(images, kinds=kinds, n=n, seed=seed, prompt=prompt,
                                                               template=template)
     with writer_lock(out, create=True):
@@ -223,8 +256,10 @@ def locate_step(out: str | os.PathLike, *, model: str, images: str = "synthetic"
         image_of = dict(zip(pictures["image_id"], pictures["image"]))
         replies = _replies(run, vlm, items, image_of, batch_size=batch_size, progress=progress)
         run.write_table("replies", replies)
+        confirm = None if doubt is None else functools.partial(
+            _confirmed, run, vlm, image_of, doubt=doubt, batch_size=batch_size, force=force, progress=progress)
         pairs, notes = _pairs(vlm, items, replies, run.read_json("annotations"), nlp=nlp, chair_method=chair_method,
-                              complete=complete)
+                              complete=complete, confirm=confirm)
         if pairs.empty:
             raise InputError(f"no pair to locate with: the model's replies on {len(pictures)} images gave no caption "
                              f"naming an absent object; add --kind pope or use more images (--n)")

@@ -7,8 +7,9 @@ resumable run directory (step "apasi-data"; its arguments are the run's identity
     RUN/pairs.parquet         item, image_id, prompt, chosen, rejected, variant, guide_objects, n_sentences,
                               replaced (stage 3: one pair per description that could be injected; the
                               self-check variant: up to two, `selfcheck.py`)
-    RUN/checks.parquet        item, object, reply, answer: the self-check variant's questions and the model's replies
-    RUN/parts/apasi-describe/, parts/apasi-continue/, parts/apasi-check/   finished shards of the model stages
+    RUN/checks.parquet        item, object, reply, answer, p_yes, doubted: the self-check variant's questions, the
+                              model's greedy replies and their reading, P(yes) and whether the object is doubted
+    RUN/parts/apasi-describe/, apasi-continue/, apasi-check/, apasi-score/   finished shards of the model stages
 
 Stage 1 and the blind continuation of stage 3 are written in shards, so an interrupted run resumes where it
 stopped; stage 2 and the injection plans are recomputed (they are cheap and deterministic). Each description's
@@ -28,16 +29,17 @@ import pandas as pd
 from halluscope.errors import InputError
 from halluscope.metrics.chair import CHAIR_PROMPT
 from halluscope.runs import Run, writer_lock
-from halluscope.steps import Progress, fill_parts, load_model, no_progress
+from halluscope.steps import Progress, load_model, no_progress, sharded_step
 from halluscope.tasks.scenes import derive_seed
 from halluscope.training.apasi.continuation import CONTINUATION, complete_plans
 from halluscope.training.apasi.graph import Description, MentionReader, ObjectGraph, build_graph, read_description
 from halluscope.training.apasi.inject import DROP_REASONS, Plan, plan_injection, surface_words
 from halluscope.training.apasi.inject import VARIANTS as INJECTION_VARIANTS
-from halluscope.training.apasi.selfcheck import CHECK, SELF_CHECK, check_questions, question, read_answers, \
-    self_check_texts
+from halluscope.training.apasi.selfcheck import SELF_CHECK, check_questions, read_answers, self_check_texts
 from halluscope.training.apasi.sentences import join_sentences
+from halluscope.training.apasi.settings import DOUBT
 from halluscope.training.apasi.sources import load_images
+from halluscope.training.checks import CHECK, check_objects
 
 __all__ = ["DATA_STEP", "DESCRIPTION_DECODING", "PAIR_COLUMNS", "VARIANTS", "apasi_data_step", "check_data_options"]
 
@@ -53,12 +55,14 @@ PAIR_COLUMNS = ("item", "image_id", "prompt", "chosen", "rejected", "variant", "
 
 
 def check_data_options(*, variant: str, rate: float, top_k: int, objects: int, n: int, max_new_tokens: int,
-                       batch_size: int, prompt: str) -> None:
+                       batch_size: int, prompt: str, doubt: float = DOUBT) -> None:
     """InputError naming the first option that cannot be used (checked before anything loads or is written)."""
     if variant not in VARIANTS:
         raise InputError(f"unknown --variant {variant!r}; use one of {', '.join(VARIANTS)}")
     if not 0.0 < rate < 1.0:
         raise InputError(f"--rate {rate!r}; expected a fraction strictly between 0 and 1, e.g. 0.2")
+    if not 0.0 < doubt < 1.0:
+        raise InputError(f"--doubt {doubt!r}; expected a probability strictly between 0 and 1, e.g. 0.5")
     for name, value in (("--top-k", top_k), ("--objects", objects), ("--n", n), ("--max-new-tokens", max_new_tokens),
                         ("--batch-size", batch_size)):
         if value < 1:
@@ -70,8 +74,9 @@ def check_data_options(*, variant: str, rate: float, top_k: int, objects: int, n
 
 def apasi_data_step(out: str | Path, *, model: str, images: str = "synthetic", n: int = 500, seed: int = 1,
                     prompt: str | None = None, variant: str = "auto", rate: float = 0.2, top_k: int = 10,
-                    objects: int = 1, max_new_tokens: int = 64, nlp: str = "auto", batch_size: int = 16,
-                    force: bool = False, vlm=None, progress: Progress = no_progress) -> dict[str, Any]:
+                    objects: int = 1, doubt: float = DOUBT, max_new_tokens: int = 64, nlp: str = "auto",
+                    batch_size: int = 16, force: bool = False, vlm=None, progress: Progress = no_progress
+                    ) -> dict[str, Any]:
     """Make APASI preference pairs for `model` from `n` images into run `out`.
 
     Args:
@@ -82,6 +87,7 @@ def apasi_data_step(out: str | Path, *, model: str, images: str = "synthetic", n
         variant: "replace", "insert", "swap" or "auto" (`inject.plan_injection`), or "self-check" (`selfcheck.py`).
         rate: share of sentences replaced (replace variant). top_k: how many of a remaining object's most
             co-occurring absent objects the guide object is drawn from. objects: objects injected (insert, swap).
+        doubt: the self-check's P(yes) below which a named object is doubted and left out of the chosen side.
         max_new_tokens: length of the greedy descriptions.
         nlp: CHAIR's NLP components for reading object mentions ("auto", "nltk", "offline").
 
@@ -96,7 +102,7 @@ def apasi_data_step(out: str | Path, *, model: str, images: str = "synthetic", n
 
     prompt = CHAIR_PROMPT if prompt is None else prompt
     check_data_options(variant=variant, rate=rate, top_k=top_k, objects=objects, n=n,
-                       max_new_tokens=max_new_tokens, batch_size=batch_size, prompt=prompt)
+                       max_new_tokens=max_new_tokens, batch_size=batch_size, prompt=prompt, doubt=doubt)
     source = load_images(images, n=n, seed=seed)
     components = load_nlp(nlp)
     vlm = vlm if vlm is not None else load_model(model)
@@ -107,7 +113,7 @@ def apasi_data_step(out: str | Path, *, model: str, images: str = "synthetic", n
                  "continuation": CONTINUATION, "vocabulary": source.vocabulary.name, "chair_method": "opera",
                  "nlp": nlp, "nlp_components": dict(components.names), "batch_size": batch_size}
     if variant == SELF_CHECK:
-        arguments["check"] = CHECK
+        arguments.update(check=CHECK, doubt=doubt)
     with writer_lock(out, create=True):
         run = Run.create(out, step=DATA_STEP, arguments=arguments, model=vlm.describe(), force=force)
         if not run.has_table("images"):
@@ -120,7 +126,8 @@ def apasi_data_step(out: str | Path, *, model: str, images: str = "synthetic", n
         graph = build_graph(read, source.vocabulary.name)
         run.write_json("graph", graph.to_dict())
         if variant == SELF_CHECK:
-            answers = _check(run, vlm, items, read, batch_size=batch_size, force=force, progress=progress)
+            answers = _check(run, vlm, items, read, doubt=doubt, batch_size=batch_size, force=force,
+                             progress=progress)
             pairs, dropped = _self_check_pairs(descriptions, read, answers, seed)
         else:
             words = surface_words(source.vocabulary)
@@ -143,19 +150,15 @@ def _describe(run: Run, vlm, items: pd.DataFrame, prompt: str, *, max_new_tokens
     rest; also written as `descriptions.parquet`."""
     from halluscope.evaluation import iter_replies
 
-    step = "apasi-describe"
-    sub = Run.open(run.path)
-    sub.begin_step(step, {"prompt": prompt, "max_new_tokens": max_new_tokens, "batch_size": batch_size}, force=force)
-
     def compute(vlm, rows: Sequence, start: int) -> Iterator[pd.DataFrame]:
         for replies in iter_replies(vlm, list(rows), batch_size=batch_size, max_new_tokens=max_new_tokens):
             yield pd.DataFrame({"item": range(start, start + len(replies)), "description": [r for r, _ in replies]})
             start += len(replies)
 
     pairs = [(image, prompt) for image in items["image"]]
-    table = fill_parts(sub.parts(step), pairs, compute, chunk=max(batch_size, 32), progress=progress,
-                       description="describe", vlm=vlm)
-    sub.finish_step(step, {"descriptions": len(table)})
+    arguments = {"prompt": prompt, "max_new_tokens": max_new_tokens, "batch_size": batch_size}
+    table = sharded_step(run, "apasi-describe", arguments, pairs, compute, columns=("item", "description"),
+                         chunk=max(batch_size, 32), force=force, progress=progress, vlm=vlm)
     table = table.assign(image_id=items["image_id"].to_numpy()[table["item"].to_numpy()], prompt=prompt)
     table = table[["item", "image_id", "prompt", "description"]]
     run.write_table("descriptions", table)
@@ -169,9 +172,6 @@ def _rejected(run: Run, vlm, plans: list[Plan | str], prompt: str, *, batch_size
     pending = [(item, plan) for item, plan in enumerate(plans) if isinstance(plan, Plan) and plan.pending]
     texts = {item: join_sentences(plan.sentences) for item, plan in enumerate(plans)
              if isinstance(plan, Plan) and not plan.pending}
-    step = "apasi-continue"
-    sub = Run.open(run.path)
-    sub.begin_step(step, {**CONTINUATION, "batch_size": batch_size}, force=force)
 
     def compute(vlm, rows: Sequence, start: int) -> Iterator[pd.DataFrame]:
         done = complete_plans(vlm, [prompt] * len(rows), [plan for _, plan in rows], batch_size=batch_size,
@@ -180,11 +180,10 @@ def _rejected(run: Run, vlm, plans: list[Plan | str], prompt: str, *, batch_size
                               min_new_tokens=CONTINUATION["min_new_tokens"])
         yield pd.DataFrame({"item": [item for item, _ in rows], "rejected": done})
 
-    if pending:
-        table = fill_parts(sub.parts(step), pending, compute, chunk=max(batch_size, 32), progress=progress,
-                           description="continue", vlm=vlm)
-        texts.update(zip(table["item"].tolist(), table["rejected"].tolist()))
-    sub.finish_step(step, {"continued": len(pending)})
+    table = sharded_step(run, "apasi-continue", {**CONTINUATION, "batch_size": batch_size}, pending, compute,
+                         columns=("item", "rejected"), chunk=max(batch_size, 32), force=force, progress=progress,
+                         vlm=vlm)
+    texts.update(zip(table["item"].tolist(), table["rejected"].tolist()))
     return texts
 
 
@@ -208,33 +207,19 @@ def _pairs(descriptions: pd.DataFrame, read: list[Description], plans: list[Plan
     return pd.DataFrame(rows, columns=list(PAIR_COLUMNS)), dropped
 
 
-def _check(run: Run, vlm, items: pd.DataFrame, read: list[Description], *, batch_size: int, force: bool,
-           progress: Progress) -> dict[int, dict[str, str]]:
-    """The self-check's model stage: the model's greedy reply to POPE's question about every object each
-    description names (in shards; also written as `checks.parquet`); returns item -> {object: "yes" or "no"}."""
-    from halluscope.evaluation import iter_replies
-
-    step = "apasi-check"
-    sub = Run.open(run.path)
-    sub.begin_step(step, {**CHECK, "batch_size": batch_size}, force=force)
+def _check(run: Run, vlm, items: pd.DataFrame, read: list[Description], *, doubt: float, batch_size: int,
+           force: bool, progress: Progress) -> dict[int, dict[str, str]]:
+    """The self-check's model stages (`training.checks.check_objects`) on every object each description names,
+    written as `checks.parquet`; returns item -> {object: "no" where P(yes) < doubt, else "yes"}."""
     questions = check_questions(read)
     images = items["image"].tolist()
-
-    def compute(vlm, rows: Sequence, start: int) -> Iterator[pd.DataFrame]:
-        asked = [(images[item], question(obj)) for item, obj in rows]
-        for replies in iter_replies(vlm, asked, batch_size=batch_size, max_new_tokens=CHECK["max_new_tokens"]):
-            yield pd.DataFrame({"row": range(start, start + len(replies)), "reply": [r for r, _ in replies]})
-            start += len(replies)
-
-    table = fill_parts(sub.parts(step), questions, compute, chunk=max(batch_size, 64), progress=progress,
-                       description="check", vlm=vlm)
-    replies = table.sort_values("row")["reply"].tolist()
-    answers = read_answers(questions, replies)
-    run.write_table("checks", pd.DataFrame({"item": [item for item, _ in questions],
-                                            "object": [obj for _, obj in questions], "reply": replies,
-                                            "answer": [answers[item][obj] for item, obj in questions]}))
-    sub.finish_step(step, {"questions": len(questions), "answered_no": sum(
-        answer == "no" for per_item in answers.values() for answer in per_item.values())})
+    checked = check_objects(run, vlm, [(images[item], obj) for item, obj in questions], prefix="apasi",
+                            batch_size=batch_size, force=force, progress=progress)
+    answers = read_answers(questions, checked["p_yes"].tolist(), doubt)
+    run.write_table("checks", checked.assign(
+        item=[item for item, _ in questions], object=[obj for _, obj in questions],
+        doubted=[answers[item][obj] == "no" for item, obj in questions])[
+        ["item", "object", "reply", "answer", "p_yes", "doubted"]])
     return answers
 
 

@@ -3,16 +3,17 @@
 The model is asked POPE's question about every object its description names ("Is there a star in the image?").
 Two pairs come from each description:
 
-- `self-check`: the chosen side is the description without the phrases that name an object the model answered
-  "no" about (a list item, or a whole sentence outside a list); the rejected side is the description itself. The
-  rejected side's hallucinations are the model's own, the ones it names though it can tell they are absent.
+- `self-check`: the chosen side is the description without the phrases that name an object the model doubts (a
+  list item, or a whole sentence outside a list); the rejected side is the description itself. The rejected
+  side's hallucinations are the model's own, the ones it names though it can tell they are absent.
 - `omit`: the chosen side is that checked description, the rejected side the same with one phrase left out whose
-  objects the model answered "yes" about. Without it every rejected side would name more objects than its chosen
+  objects the model confirms. Without it every rejected side would name more objects than its chosen
   side and DPO could learn "name fewer objects" (the `insert` pairs' length signal, `inject.py`); with it, a
   shorter answer is preferred only where the left-out object is one the model doubts.
 
-The check is the model's greedy reply read with POPE's "pope" rule (`metrics.pope.parse_yes_no`), so it works on
-every family without knowing its answer tokens.
+The check is `training.checks`: P(yes) for each object from the model's own wordings of "yes" and "no". An object
+is doubted when P(yes) is below `doubt`: at 0.5 the objects the model would answer "no" about, higher to leave out
+also those it is unsure of.
 """
 
 from __future__ import annotations
@@ -21,18 +22,16 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
-from halluscope.metrics.pope import POPE_TEMPLATE, parse_yes_no, pope_question
 from halluscope.training.apasi.graph import Description
 from halluscope.training.apasi.inject import render_list
 from halluscope.training.apasi.sentences import Sentence, join_sentences
+from halluscope.training.apasi.settings import DOUBT
 
-__all__ = ["CHECK", "SELF_CHECK", "Phrase", "check_questions", "phrases", "question", "read_answers",
-           "self_check_texts", "without"]
+__all__ = ["SELF_CHECK", "Phrase", "check_questions", "phrases", "read_answers", "self_check_texts",
+           "without"]
 
 #: The `--variant` value.
 SELF_CHECK = "self-check"
-#: How the model is asked about each named object (recorded in the data run's arguments).
-CHECK = {"template": POPE_TEMPLATE, "rule": "pope", "max_new_tokens": 16, "decoding": "greedy"}
 
 
 class Phrase(NamedTuple):
@@ -89,16 +88,12 @@ def check_questions(descriptions: Sequence[Description]) -> list[tuple[int, str]
     return [(item, obj) for item, d in enumerate(descriptions) for obj in dict.fromkeys(d.objects)]
 
 
-def question(obj: str) -> str:
-    """POPE's question about `obj`, as the check asks it."""
-    return pope_question(obj, CHECK["template"])
-
-
-def read_answers(questions: Sequence[tuple[int, str]], replies: Sequence[str]) -> dict[int, dict[str, str]]:
-    """description index -> {object: "yes" or "no"} from the model's replies to `questions`."""
+def read_answers(questions: Sequence[tuple[int, str]], p_yes: Sequence[float], doubt: float = DOUBT
+                 ) -> dict[int, dict[str, str]]:
+    """description index -> {object: "no" where P(yes) < `doubt`, else "yes"} for the `questions`."""
     answers: dict[int, dict[str, str]] = {}
-    for (item, obj), reply in zip(questions, replies, strict=True):
-        answers.setdefault(item, {})[obj] = parse_yes_no(reply, CHECK["rule"])
+    for (item, obj), p in zip(questions, p_yes, strict=True):
+        answers.setdefault(item, {})[obj] = "no" if p < doubt else "yes"
     return answers
 
 

@@ -1,5 +1,5 @@
-"""`DPOSettings`: the hyper-parameters of an APASI training round, checked, in a module light enough for the CLI
-to read its defaults from."""
+"""`DPOSettings`: the hyper-parameters of an APASI training round, checked, and the self-check's default doubt, in a
+module light enough for the CLI to read its defaults from."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ from typing import Any
 
 from halluscope.errors import InputError
 
-__all__ = ["DPOSettings"]
+__all__ = ["DOUBT", "DPOSettings"]
+
+#: The self-check's default P(yes) below which a named object is doubted (`apasi data --doubt`, `selfcheck.py`).
+DOUBT = 0.5
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
-"""Teacher-forced (image, prompt, response) batches, the input every ALEA stage runs on: the prompt as
-`VLM.encode` makes it, optional prefix slots right after the assistant prefix (where the soft prefix goes), then
-the response's tokens, left-padded together; plus the per-token log-probabilities and losses read from them."""
+"""Teacher-forced (image, prompt, response) batches, the input every ALEA stage and APASI's self-check scoring run
+on: the prompt as `VLM.encode` makes it, optional prefix slots right after the assistant prefix (where the soft
+prefix goes), then the response's tokens, left-padded together; plus the per-token log-probabilities and losses
+read from them."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from halluscope.errors import InputError
 from halluscope.images import ImageLike
 
-__all__ = ["ResponseBatch", "encode_responses", "response_ids", "response_kl", "response_nll"]
+__all__ = ["ResponseBatch", "encode_responses", "response_ids", "response_kl", "response_logprob", "response_nll"]
 
 IGNORE = -100  # the target of a position that predicts no response token
 
@@ -107,15 +108,24 @@ def _logprobs(logits: torch.Tensor, batch: ResponseBatch) -> torch.Tensor:
     return torch.log_softmax(logits[batch.predicts].float(), dim=-1)
 
 
+def _target_logprobs(logits: torch.Tensor, batch: ResponseBatch) -> torch.Tensor:
+    """The log-probability of each response token, [n_predicted] (float32)."""
+    return _logprobs(logits, batch).gather(1, batch.targets[batch.predicts][:, None]).squeeze(1)
+
+
 def response_nll(logits: torch.Tensor, batch: ResponseBatch, *, per_row: bool = False) -> torch.Tensor:
     """The negative log-likelihood of the responses: the mean over all response tokens of the batch, or with
     `per_row` the mean over each row's tokens ([batch]). `logits` is [batch, seq, vocab]."""
-    token = -_logprobs(logits, batch).gather(1, batch.targets[batch.predicts][:, None]).squeeze(1)
     if not per_row:
-        return token.mean()
+        return -_target_logprobs(logits, batch).mean()
+    return -response_logprob(logits, batch) / batch.predicts.sum(1).to(torch.float32)
+
+
+def response_logprob(logits: torch.Tensor, batch: ResponseBatch) -> torch.Tensor:
+    """Each row's response log-likelihood, the sum of its tokens' log-probabilities ([batch], float32)."""
+    token = _target_logprobs(logits, batch)
     rows = batch.predicts.nonzero()[:, 0]
-    totals = torch.zeros(len(batch), dtype=token.dtype, device=token.device).index_add(0, rows, token)
-    return totals / batch.predicts.sum(1).to(token.dtype)
+    return torch.zeros(len(batch), dtype=token.dtype, device=token.device).index_add(0, rows, token)
 
 
 def response_kl(reference_logits: torch.Tensor, logits: torch.Tensor, batch: ResponseBatch) -> torch.Tensor:

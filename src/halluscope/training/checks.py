@@ -1,0 +1,82 @@
+"""Asking the model about objects it named, in its own words: POPE's question about each (image, object), the
+model's greedy replies, its usual wording of "yes" and of "no" (`metrics.pope.answer_templates`), and P(yes) from
+the two wordings teacher-forced after the image and the question:
+
+    P(yes) = sigmoid(log p(yes wording) - log p(no wording))
+
+Whole replies in the model's words work on every family without knowing its answer tokens. APASI's self-check
+(`apasi data --variant self-check`) and ALEAHallu's `alea locate --doubt` use it to tell the objects the model
+doubts from those it confirms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+
+import pandas as pd
+import torch
+
+from halluscope.images import ImageLike
+from halluscope.metrics.pope import POPE_TEMPLATE, answer_templates, fill_answer, parse_yes_no, pope_question
+from halluscope.runs import Run
+from halluscope.steps import Progress, sharded_step
+from halluscope.training.sequences import encode_responses, response_ids, response_logprob
+
+__all__ = ["CHECK", "check_objects", "question", "yes_probabilities"]
+
+#: How the model is asked about each object (recorded in the runs' arguments).
+CHECK = {"template": POPE_TEMPLATE, "rule": "pope", "max_new_tokens": 16, "decoding": "greedy",
+         "score": "P(yes) = sigmoid(log p(yes wording) - log p(no wording)), teacher-forced"}
+
+
+def question(obj: str) -> str:
+    """POPE's question about `obj`, as the check asks it."""
+    return pope_question(obj, CHECK["template"])
+
+
+def yes_probabilities(vlm, asked: Sequence[tuple[ImageLike, str]], wordings: Mapping[str, str], *,
+                      batch_size: int = 16) -> list[float]:
+    """P(yes) for each (image, object) asked about: the model's "yes" and "no" `wordings` (templates with "{}"
+    for the object) teacher-forced after the image and POPE's question, and sigmoid of the difference of their
+    log-likelihoods."""
+    out: list[float] = []
+    for start in range(0, len(asked), batch_size):
+        rows = [(image, question(obj), response_ids(vlm, fill_answer(wordings[answer], obj)))
+                for image, obj in asked[start:start + batch_size] for answer in ("yes", "no")]
+        batch = encode_responses(vlm, rows)
+        with torch.no_grad():
+            logprob = response_logprob(vlm.model(**batch.inputs).logits, batch)
+        out += torch.sigmoid(logprob[0::2] - logprob[1::2]).tolist()
+    return out
+
+
+def check_objects(run: Run, vlm, asked: Sequence[tuple[ImageLike, str]], *, prefix: str, batch_size: int,
+                  force: bool, progress: Progress) -> pd.DataFrame:
+    """Ask the model about every (image, object) in two resumable steps of `run`: `{prefix}-check`, its greedy
+    replies, and `{prefix}-score`, P(yes) from its most common wordings of the replies' two answers.
+
+    Returns:
+        One row per question, in order: reply, answer (the reply read with POPE's rule) and p_yes.
+    """
+    from halluscope.evaluation import iter_replies
+
+    def reply(vlm, rows: Sequence, start: int) -> Iterator[pd.DataFrame]:
+        pairs = [(image, question(obj)) for image, obj in rows]
+        for replies in iter_replies(vlm, pairs, batch_size=batch_size, max_new_tokens=CHECK["max_new_tokens"]):
+            yield pd.DataFrame({"row": range(start, start + len(replies)), "reply": [r for r, _ in replies]})
+            start += len(replies)
+
+    replies = sharded_step(run, f"{prefix}-check", {**CHECK, "batch_size": batch_size}, asked, reply,
+                           columns=("row", "reply"), chunk=max(batch_size, 64), force=force, progress=progress,
+                           vlm=vlm)["reply"].tolist()
+    said = [parse_yes_no(text, CHECK["rule"]) for text in replies]
+    wordings = answer_templates([(obj, text, answer) for (_, obj), text, answer in zip(asked, replies, said)])
+
+    def score(vlm, rows: Sequence, start: int) -> Iterator[pd.DataFrame]:
+        yield pd.DataFrame({"row": range(start, start + len(rows)),
+                            "p_yes": yes_probabilities(vlm, list(rows), wordings, batch_size=batch_size)})
+
+    p_yes = sharded_step(run, f"{prefix}-score", {"wordings": wordings, "batch_size": batch_size}, asked, score,
+                         columns=("row", "p_yes"), chunk=max(batch_size, 64), force=force, progress=progress,
+                         vlm=vlm)["p_yes"].tolist()
+    return pd.DataFrame({"reply": replies, "answer": said, "p_yes": p_yes})

@@ -1,0 +1,35 @@
+"""`training.checks`: P(yes) from the model's two wordings, the same in any batch, oriented yes over no (checked
+by hand against the teacher-forced log-likelihoods), on every family."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from halluscope.tasks.object_scenes import draw_object_scene
+from halluscope.training.checks import question, yes_probabilities
+from halluscope.training.sequences import encode_responses, response_ids
+
+
+def test_yes_probabilities_compare_the_two_wordings_whatever_the_batch(vlm):
+    images = [draw_object_scene(k, seed=0).image for k in range(3)]
+    asked = [(images[0], "circle"), (images[1], "star"), (images[2], "heart"), (images[0], "bolt")]
+    wordings = {"yes": "Yes, there is a {}.", "no": "No"}
+    one = yes_probabilities(vlm, asked, wordings, batch_size=1)
+    batched = yes_probabilities(vlm, asked, wordings, batch_size=3)
+    swapped = yes_probabilities(vlm, asked, {"yes": wordings["no"], "no": wordings["yes"]}, batch_size=4)
+    assert all(0.0 <= p <= 1.0 for p in one)
+    assert batched == pytest.approx(one, abs=1e-5)
+    assert [1.0 - p for p in swapped] == pytest.approx(one, abs=1e-5)
+    # orientation: the log-likelihood of "yes" in the model's words, less that of "no", by hand
+    image, obj = asked[1]
+    logprob = {}
+    for answer, text in (("yes", "Yes, there is a star."), ("no", "No")):
+        batch = encode_responses(vlm, [(image, question(obj), response_ids(vlm, text))])
+        with torch.no_grad():
+            logits = vlm.model(**batch.inputs).logits
+        logprob[answer] = float(torch.log_softmax(logits[0], -1)[batch.predicts[0]].gather(
+            1, batch.targets[0][batch.predicts[0]][:, None]).sum())
+    assert one[1] == pytest.approx(1.0 / (1.0 + math.exp(logprob["no"] - logprob["yes"])), abs=1e-5)
