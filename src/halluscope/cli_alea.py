@@ -76,6 +76,10 @@ def locate(model: str = _MODEL,
                     f"{located['n_parameters']:,} parameters, {100 * located['share_of_model']:.1f}% of the model) "
                     f"from {located['located_with_pairs']} of {sum(located['pairs'].values())} pairs "
                     f"({located['run'].path})", highlight=False, soft_wrap=True)
+    if "absent_objects_named" in located:
+        Console().print(f"the model confirms {located['absent_objects_confirmed']} of the "
+                        f"{located['absent_objects_named']} absent objects its captions name; they stay in the "
+                        f"grounded captions", highlight=False, soft_wrap=True)
 
 
 @alea_app.command("edit")

@@ -118,7 +118,7 @@ def test_locate_with_doubt_asks_about_every_absent_object_the_captions_name(mode
     out = tmp_path / "located"
     args = ("alea", "locate", "--model", model, "--images", "synthetic", "--n", "8", "--kind", "caption", "--kind",
             "pope", "--locate-pairs", "8", "--batch-size", "8", "--nlp", "offline", "--doubt", "0.5", "--out", out)
-    code, _, err = cli(*args)
+    code, printed, err = cli(*args)
     assert code == 0, err
     checks = pd.read_parquet(out / "checks.parquet")
     annotations = json.loads((out / "annotations.json").read_text())
@@ -140,6 +140,8 @@ def test_locate_with_doubt_asks_about_every_absent_object_the_captions_name(mode
     document = json.loads((out / "located.json").read_text())
     assert document["absent_objects_named"] == len(named)
     assert document["absent_objects_confirmed"] == int(checks["confirmed"].sum())
+    assert (f"the model confirms {int(checks['confirmed'].sum())} of the {len(named)} absent objects"
+            in " ".join(printed.split()))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["steps"]["alea-locate"]["arguments"]["doubt"] == 0.5
     assert manifest["steps"]["alea-check"]["summary"] == manifest["steps"]["alea-score"]["summary"] == {

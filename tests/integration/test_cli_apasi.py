@@ -216,7 +216,7 @@ def test_apasi_self_check_variant_asks_about_every_named_object_and_pairs_the_ch
     assert manifest["steps"]["apasi-check"]["summary"] == manifest["steps"]["apasi-score"]["summary"] == {
         "rows": len(checks)}
     assert manifest["steps"]["apasi-data"]["summary"]["dropped"] == {
-        "self-check: the model answered yes about every object its description names": 4}
+        "self-check: the model confirms every object its description names": 4}
 
     stamp = {p: p.stat().st_mtime_ns for p in (data / "parts" / "apasi-check").iterdir()}
     code, _, err = _data(cli, taught, images, data, "--variant", "self-check")

@@ -7,6 +7,8 @@ with what we have offline in place of GPT-written captions).
   the present objects it left out added to its last list, is the grounded one (kept only when it names an object
   and no absent one). Without the added objects the grounded captions are only ever shorter, and an edit learns
   to say less rather than to look.
+  With `confirmed` (`alea locate --doubt`), the absent objects the model itself confirms count as present: only
+  those it doubts are taken out.
 - POPE pairs: the model answers POPE's questions about present and absent objects; the correct answer is the
   grounded response and the opposite answer the hallucinated one, each in the model's own words: its reply where it
   gave that answer, else its most common reply of that polarity with the object's name put in.

@@ -4,7 +4,9 @@
 A locate run (step "alea-locate") holds the images and items asked (`images.parquet`, `items.parquet`,
 `annotations.json`), the model's replies (resumable shards under `parts/alea-replies/`, then `replies.parquet`),
 the activation dataset (`pairs.parquet`), the per-pair, per-layer differentials (`layers.parquet`), the located
-layers and parameters with the model they were located on (`located.json`) and `plots/differential.png`.
+layers and parameters with the model they were located on (`located.json`) and `plots/differential.png`. With
+`doubt`, it also holds the model's answers about the absent objects its captions name (`checks.parquet`, from the
+shards under `parts/alea-check/` and `parts/alea-score/`).
 
 An edit run (step "alea-edit") is at the same time a checkpoint that `load_vlm` opens: `config.json`,
 `model.safetensors` and the processor files (`save_pretrained`), plus the adversarial prefix (`prefix.safetensors`),

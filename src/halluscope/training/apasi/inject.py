@@ -70,8 +70,8 @@ DROP_REASONS = {
     "no_list": "no list sentence to insert into",
     "short_list": "no list sentence of two or more items to swap an item of",
     "not_injected": "the rejected text does not name the injected object, or equals the chosen one",
-    "all_confirmed": "self-check: the model answered yes about every object its description names",
-    "all_doubted": "self-check: the model answered no about every object its description names",
+    "all_confirmed": "self-check: the model confirms every object its description names",
+    "all_doubted": "self-check: the model doubts every object its description names",
     "one_phrase": "omit: fewer than two confirmed phrases, so none can be left out",
 }
 
