@@ -32,7 +32,7 @@ import torch
 
 from halluscope.errors import InputError
 from halluscope.runs import Run, writer_lock
-from halluscope.steps import Progress, fill_parts, load_model, no_progress
+from halluscope.steps import Progress, load_model, no_progress, sharded_step
 from halluscope.training.alea.activations import KINDS, caption_pairs, pope_pairs
 from halluscope.training.alea.edit import EditConfig, edit_parameters
 from halluscope.training.alea.locate import (DEFAULT_MODULES, SCORES, layer_differentials, located_parameters,
@@ -101,9 +101,6 @@ def _replies(run: Run, vlm, items: pd.DataFrame, image_of: dict, *, batch_size: 
     """The model's greedy reply to every item (item, reply, reply_ids), from finished shards plus the rest."""
     from halluscope.evaluation import iter_replies
 
-    step = "alea-replies"
-    run = Run.open(run.path)
-    run.begin_step(step, {"decoding": "greedy", "batch_size": batch_size})
     rows = [(image_of[i], p, t) for i, p, t in zip(items["image_id"], items["prompt"], items["max_new_tokens"])]
 
     def compute(vlm, chunk: list, start: int):
@@ -117,10 +114,9 @@ def _replies(run: Run, vlm, items: pd.DataFrame, image_of: dict, *, batch_size: 
                 yield pd.DataFrame({"item": index, "reply": [r for r, _ in replies],
                                     "reply_ids": [ids for _, ids in replies]})
 
-    table = fill_parts(run.parts(step), rows, compute, chunk=max(batch_size, 32), progress=progress,
-                       description="alea replies", vlm=vlm)
-    run.finish_step(step, {"replies": len(table)})
-    return table.sort_values("item", ignore_index=True)
+    return sharded_step(run, "alea-replies", {"decoding": "greedy", "batch_size": batch_size}, rows, compute,
+                        columns=("item", "reply", "reply_ids"), chunk=max(batch_size, 32), force=False,
+                        progress=progress, vlm=vlm)
 
 
 def _pairs(vlm, items: pd.DataFrame, replies: pd.DataFrame, annotations: dict[str, Any], *, nlp: str,
