@@ -19,7 +19,8 @@ from halluscope.runs import TABLE_PRODUCERS, Run, locked_step, writer_lock
 from halluscope.scale import LOCAL, ModelSource, Scale, map_shards
 
 __all__ = ["Progress", "no_progress", "fill_parts", "sharded_step", "load_model", "run_model", "load_means",
-           "eval_step", "means_step", "sweep_step", "rank_step", "confirm_step", "ablate_step", "ablation_name", "head_spec"]
+           "eval_step", "means_step", "sweep_step", "rank_step", "confirm_step", "ablate_step", "ablation_name",
+           "head_spec"]
 
 Progress = Callable[[str, int], ContextManager[Callable[..., None]]]
 
@@ -401,8 +402,8 @@ def confirm_step(run_dir: str | Path, *, heads: str = "best5", batch_size: int =
         advance(len(parts.done()))
         generated = run_sweep(vlm, parts, items, head_set, mode="generate", batch_size=batch_size,
                               max_new_tokens=max_new_tokens, on_shard=advance, scale=scale)
-    table = generated.merge(scored[["sample_id", "layer", "head", "outcome"]].rename(columns={"outcome": "score_outcome"}),
-                            on=["sample_id", "layer", "head"], how="left")
+    score_outcomes = scored[["sample_id", "layer", "head", "outcome"]].rename(columns={"outcome": "score_outcome"})
+    table = generated.merge(score_outcomes, on=["sample_id", "layer", "head"], how="left")
     table["agree"] = table["outcome"] == table["score_outcome"]
     run.write_table("confirm", table)
     per_head = {f"L{l}H{h}": {"correction_rate": float((g["outcome"] == "corrected").mean()),

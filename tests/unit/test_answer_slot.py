@@ -108,7 +108,8 @@ def test_organism_slot_and_outcome_follow_its_replies():
     from halluscope import load_vlm, tasks
 
     vlm = load_vlm("organism")
-    counting = [s for s in tasks.synthetic_counting(3, size=112, seed=0) if s.claim is not None and s.claim != s.truth][:8]
+    counting = [s for s in tasks.synthetic_counting(3, size=112, seed=0)
+                if s.claim is not None and s.claim != s.truth][:8]
     colour = [s for s in tasks.synthetic_color(3, size=112, seed=0) if s.claim is not None and s.claim != s.truth][:8]
     rows = [(sample, row) for samples in (counting, colour)
             for sample, row in zip(samples, evaluate(vlm, samples, max_new_tokens=12, batch_size=16).itertuples())]
