@@ -237,6 +237,15 @@ def test_apasi_self_check_variant_asks_about_every_named_object_and_pairs_the_ch
     assert left_out.item == low["item"] and left_out.rejected == descriptions[low["item"]]
     assert list(left_out.guide_objects) == [low.object] and low.object not in _reader().objects(left_out.chosen)
 
+    # a second training round regenerates self-check data with the data run's --doubt
+    ckpt = tmp_path / "ckpt"
+    code, _, err = cli("apasi", "train", "--model", taught, "--data", data, "--out", ckpt, "--rounds", "2",
+                       "--epochs", "1", "--batch-size", "2", "--lr", "5e-4")
+    assert code == 0, err
+    regenerated = json.loads((ckpt / "rounds" / "round-1" / "data" / "manifest.json").read_text())
+    assert regenerated["steps"]["apasi-data"]["arguments"]["variant"] == "self-check"
+    assert regenerated["steps"]["apasi-data"]["arguments"]["doubt"] == float(doubt)
+
 
 def _one_error_line(err: str) -> str:
     assert "Traceback" not in err

@@ -169,9 +169,9 @@ def _train_round(out: Path, step: str, t: int, vlm, base_name: str, source: Run,
     if t == 0:
         pairs, images = source.read_table("pairs"), source.read_table("images")
     else:
-        keep = ("images", "n", "seed", "prompt", "variant", "max_new_tokens", "nlp", "batch_size")
+        keep = ("images", "n", "seed", "prompt", "variant", "doubt", "max_new_tokens", "nlp", "batch_size")
         made = apasi_data_step(folder / "data", model=base_name, vlm=vlm, force=force, progress=progress,
-                               **{k: data_arguments[k] for k in keep}, **schedule)
+                               **{k: data_arguments[k] for k in keep if k in data_arguments}, **schedule)
         pairs, images = made["pairs"], made["run"].read_table("images")
         if pairs.empty:
             raise InputError(f"round {t}'s regenerated data has no pairs (dropped: {made['summary']['dropped']}); "
