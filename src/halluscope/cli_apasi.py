@@ -105,6 +105,9 @@ def train(model: str = _MODEL,
           batch_size: int = typer.Option(_DEFAULT.batch_size, "--batch-size", help="Pairs per step (the paper's: 64)."),
           grad_accum: int = typer.Option(_DEFAULT.grad_accum, "--grad-accum", help="Batches per optimiser step."),
           beta: float = typer.Option(_DEFAULT.beta, "--beta", help="DPO's beta."),
+          sft_weight: float = typer.Option(_DEFAULT.sft_weight, "--sft-weight",
+                                           help="Weight of an added NLL term on the chosen description (0: DPO "
+                                                "alone, as the paper)."),
           warmup: float = typer.Option(_DEFAULT.warmup, "--warmup", help="Warm-up, as a fraction of the steps."),
           seed: int = typer.Option(_DEFAULT.seed, "--seed",
                                    help="Adapter initialisation and data order (round t: seed + t)."),
@@ -116,7 +119,8 @@ def train(model: str = _MODEL,
     from halluscope.training.apasi.train import apasi_train_step
 
     settings = DPOSettings(rank=rank, alpha=alpha, dropout=dropout, learning_rate=lr, epochs=epochs,
-                           batch_size=batch_size, grad_accum=grad_accum, beta=beta, warmup=warmup, seed=seed)
+                           batch_size=batch_size, grad_accum=grad_accum, beta=beta, warmup=warmup, seed=seed,
+                           sft_weight=sft_weight)
     result = apasi_train_step(out, model=model, data=data_run, rounds=rounds, settings=settings, force=force,
                               progress=progress_bar)
     table = result["rounds"]

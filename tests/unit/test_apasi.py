@@ -314,6 +314,32 @@ def test_trl_collator_encodes_the_prompt_as_generation_does(vlm):
         preference_dataset(vlm, pairs, {})
 
 
+
+def test_sft_weight_adds_the_chosen_replys_token_mean_nll_to_the_dpo_loss(vlm, tmp_path):
+    """The first step's loss is log 2 (policy == reference while LoRA's B is zero) plus the weight times the
+    chosen reply's mean token NLL, computed here from the model's logits on TRL's own batch."""
+    import torch
+    from PIL import Image
+    from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+
+    from halluscope.training.apasi.dpo import dpo_round, preference_dataset
+    from halluscope.training.apasi.settings import DPOSettings
+
+    pairs = pd.DataFrame({"image_id": [7], "prompt": ["Describe this image."], "chosen": ["A red circle."],
+                          "rejected": ["A red circle and a star."]})
+    dataset = preference_dataset(vlm, pairs, {7: Image.new("RGB", (40, 40), (200, 30, 30))})
+    batch = DataCollatorForVisionPreference(vlm.processor)([dataset[0]])
+    with torch.no_grad():
+        logits = vlm.model(**{k: v for k, v in batch.items() if k != "completion_mask"}).logits[0, :-1]
+    predicted = batch["completion_mask"][0, 1:].bool()
+    logprobs = logits.float().log_softmax(-1).gather(-1, batch["input_ids"][0, 1:, None])[:, 0]
+    nll = -logprobs[predicted].mean().item()
+    settings = DPOSettings(epochs=1, batch_size=1, learning_rate=1e-6, sft_weight=0.5)
+    _, log = dpo_round(vlm, dataset, settings, work_dir=tmp_path / "dpo")
+    assert log[0]["loss"] == pytest.approx(math.log(2) + 0.5 * nll, rel=1e-4)
+    assert "0.5 x token-mean NLL of the chosen response" in settings.to_dict()["loss"]
+    assert "NLL" not in DPOSettings().to_dict()["loss"]
+
 # ---- errors -------------------------------------------------------------------------------------------------------
 
 
@@ -333,6 +359,8 @@ def test_bad_options_fail_with_the_option_named(tmp_path):
         DPOSettings(dropout=1.0)
     with pytest.raises(InputError, match="--grad-accum 0; expected a whole number >= 1"):
         DPOSettings(grad_accum=0)
+    with pytest.raises(InputError, match="--sft-weight -1.0; expected a number >= 0"):
+        DPOSettings(sft_weight=-1.0)
     with pytest.raises(InputError, match="2 prompts for 1 prefixes"):
         continue_blind(None, ["a", "b"], ["c"])
     with pytest.raises(InputError, match="--n 0; expected at least 1 image"):

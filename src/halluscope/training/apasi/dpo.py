@@ -3,7 +3,8 @@
 Nothing here re-implements DPO or LoRA. The loss is TRL's sigmoid DPO on sequence-summed log-probs,
 -log sigmoid(beta * [(log pi(y_w|x) - log pi(y_l|x)) - (log ref(y_w|x) - log ref(y_l|x))]); the reference is the
 round's starting model, which TRL gets by switching the adapter off (it cannot precompute reference log-probs for
-image datasets). The adapter sits on every linear layer of the language model's decoder layers (attention and
+image datasets). `DPOSettings.sft_weight` > 0 adds TRL's "sft" loss (the chosen response's token-mean NLL) with
+that weight. The adapter sits on every linear layer of the language model's decoder layers (attention and
 MLP projections, found under the family table's `layers` path), so every family is covered; the vision tower,
 the projector and `lm_head` stay frozen.
 
@@ -114,6 +115,7 @@ def dpo_round(vlm, dataset: Dataset, settings: DPOSettings, *, work_dir: str | P
     lora = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout, bias="none",
                       target_modules=lora_targets(vlm))
     config = vars(vlm.model.config)
+    losses, weights = (["sigmoid", "sft"], [1.0, settings.sft_weight]) if settings.sft_weight else (["sigmoid"], None)
     use_cache = config.get("use_cache")  # the Trainer sets it for training; restored afterwards, so not saved
     vlm.model.train()
     with warnings.catch_warnings(), progress("dpo", steps) as advance:
@@ -123,7 +125,8 @@ def dpo_round(vlm, dataset: Dataset, settings: DPOSettings, *, work_dir: str | P
             output_dir=str(work_dir), per_device_train_batch_size=settings.batch_size,
             gradient_accumulation_steps=settings.grad_accum, num_train_epochs=settings.epochs,
             learning_rate=settings.learning_rate, lr_scheduler_type="cosine", warmup_steps=settings.warmup,
-            weight_decay=settings.weight_decay, optim="adamw_torch", beta=settings.beta, loss_type=["sigmoid"],
+            weight_decay=settings.weight_decay, optim="adamw_torch", beta=settings.beta, loss_type=losses,
+            loss_weights=weights,
             use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, dataloader_num_workers=0,
             report_to="none", seed=settings.seed, data_seed=settings.seed, logging_steps=1, disable_tqdm=True,
             save_strategy="steps", save_steps=max(1, math.ceil(steps / 4)), save_total_limit=1, max_length=None,

@@ -24,6 +24,8 @@ class DPOSettings:
         learning_rate: AdamW's peak rate, cosine schedule after `warmup` (a fraction of the steps).
         epochs: passes over the pairs. batch_size x grad_accum pairs make one optimiser step.
         beta: DPO's temperature. weight_decay: AdamW's. seed: adapter initialisation and data order.
+        sft_weight: weight of an added NLL term on the chosen response (TRL's "sft" loss, token-averaged, as in RPO
+            and MPO); 0 trains on DPO alone, as APASI does.
     """
 
     rank: int = 16
@@ -37,6 +39,7 @@ class DPOSettings:
     warmup: float = 0.05
     weight_decay: float = 0.0
     seed: int = 0
+    sft_weight: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("rank", "batch_size", "grad_accum"):
@@ -45,13 +48,18 @@ class DPOSettings:
         for name in ("alpha", "learning_rate", "epochs", "beta"):
             if not getattr(self, name) > 0:
                 raise InputError(f"{_flag(name)} {getattr(self, name)}; expected a number > 0")
+        if not self.sft_weight >= 0:
+            raise InputError(f"--sft-weight {self.sft_weight}; expected a number >= 0 (0 trains on DPO alone)")
         for name in ("dropout", "warmup"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise InputError(f"{_flag(name)} {getattr(self, name)}; expected a fraction in [0, 1)")
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as a manifest records them, with what is fixed: loss, optimiser, schedule, precision."""
-        return {**asdict(self), "loss": "sigmoid DPO on summed log-probs (TRL DPOTrainer)", "optimizer": "adamw_torch",
+        loss = "sigmoid DPO on summed log-probs (TRL DPOTrainer)"
+        if self.sft_weight:
+            loss += f" + {self.sft_weight} x token-mean NLL of the chosen response"
+        return {**asdict(self), "loss": loss, "optimizer": "adamw_torch",
                 "scheduler": "cosine", "precision": "float32", "device": "cpu", "lora_bias": "none",
                 "reference": "the round's starting model (adapter disabled)"}
 
