@@ -237,11 +237,13 @@ def test_apasi_self_check_variant_asks_about_every_named_object_and_pairs_the_ch
     assert left_out.item == low["item"] and left_out.rejected == descriptions[low["item"]]
     assert list(left_out.guide_objects) == [low.object] and low.object not in _reader().objects(left_out.chosen)
 
-    # a second training round regenerates self-check data with the data run's --doubt
+    # a second training round regenerates self-check data with the data run's --doubt; --sft-weight is recorded
     ckpt = tmp_path / "ckpt"
     code, _, err = cli("apasi", "train", "--model", taught, "--data", data, "--out", ckpt, "--rounds", "2",
-                       "--epochs", "1", "--batch-size", "2", "--lr", "5e-4")
+                       "--epochs", "1", "--batch-size", "2", "--lr", "5e-4", "--sft-weight", "0.5")
     assert code == 0, err
+    dpo = json.loads((ckpt / "manifest.json").read_text())["steps"]["apasi-train"]["arguments"]["dpo"]
+    assert dpo["sft_weight"] == 0.5 and dpo["loss"].endswith("+ 0.5 x token-mean NLL of the chosen response")
     regenerated = json.loads((ckpt / "rounds" / "round-1" / "data" / "manifest.json").read_text())
     assert regenerated["steps"]["apasi-data"]["arguments"]["variant"] == "self-check"
     assert regenerated["steps"]["apasi-data"]["arguments"]["doubt"] == float(doubt)
@@ -288,4 +290,7 @@ def test_apasi_train_errors_are_one_line(cli, taught, images, tmp_path):
         assert code == 2 and message in _one_error_line(err), err
     code, _, err = cli("apasi", "train", "--model", taught, "--data", data, "--out", tmp_path / "ckpt", "--lr", "0")
     assert code == 2 and "--lr 0.0; expected a number > 0" in _one_error_line(err)
+    code, _, err = cli("apasi", "train", "--model", taught, "--data", data, "--out", tmp_path / "ckpt",
+                       "--sft-weight", "-1")
+    assert code == 2 and "--sft-weight -1.0; expected a number >= 0" in _one_error_line(err)
     assert not (tmp_path / "ckpt").exists()
