@@ -206,8 +206,10 @@ def test_apasi_self_check_variant_asks_about_every_named_object_and_pairs_the_ch
     assert not checks["doubted"].any()
     pairs = pd.read_parquet(data / "pairs.parquet")
     assert set(pairs["variant"]) == {"omit"} and sorted(pairs["item"]) == [0, 1, 2, 3] and "pairs, omit" in out
-    for row in pairs.itertuples():  # the description itself against it with one item fewer
+    for row in pairs.itertuples():  # the description itself against it with one item fewer, the left-out one named
         assert row.chosen == descriptions[row.item]
+        (left,) = row.guide_objects
+        assert left in named[row.item] and left not in _reader().objects(row.rejected)
         assert row.rejected.count(",") + row.rejected.count(" and ") + 1 == row.chosen.count(",") + \
             row.chosen.count(" and ")
     manifest = json.loads((data / "manifest.json").read_text())

@@ -240,7 +240,7 @@ def _self_check_pairs(descriptions: pd.DataFrame, read: list[Description], answe
                          "variant": SELF_CHECK, "guide_objects": made["doubted"]})
         if made["omit_rejected"] is not None:
             rows.append({**common, "chosen": made["checked"], "rejected": made["omit_rejected"], "variant": "omit",
-                         "guide_objects": []})
+                         "guide_objects": made["omitted"]})
     return pd.DataFrame(rows, columns=list(PAIR_COLUMNS)), dropped
 
 
