@@ -55,11 +55,14 @@ class DPOSettings:
                 raise InputError(f"{_flag(name)} {getattr(self, name)}; expected a fraction in [0, 1)")
 
     def to_dict(self) -> dict[str, Any]:
-        """The settings as a manifest records them, with what is fixed: loss, optimiser, schedule, precision."""
-        loss = "sigmoid DPO on summed log-probs (TRL DPOTrainer)"
+        """The settings as a manifest records them, with what is fixed: loss, optimiser, schedule, precision.
+        `sft_weight` appears only when set, so runs trained before it existed still match their reruns."""
+        settings, loss = asdict(self), "sigmoid DPO on summed log-probs (TRL DPOTrainer)"
         if self.sft_weight:
             loss += f" + {self.sft_weight} x token-mean NLL of the chosen response"
-        return {**asdict(self), "loss": loss, "optimizer": "adamw_torch",
+        else:
+            del settings["sft_weight"]
+        return {**settings, "loss": loss, "optimizer": "adamw_torch",
                 "scheduler": "cosine", "precision": "float32", "device": "cpu", "lora_bias": "none",
                 "reference": "the round's starting model (adapter disabled)"}
 
