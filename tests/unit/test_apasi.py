@@ -315,15 +315,19 @@ def test_trl_collator_encodes_the_prompt_as_generation_does(vlm):
 
 
 
-def test_sft_weight_adds_the_chosen_replys_token_mean_nll_to_the_dpo_loss(vlm, tmp_path):
+def test_sft_weight_adds_the_chosen_replys_token_mean_nll_to_the_dpo_loss(tiny_dirs, family, tmp_path):
     """The first step's loss is log 2 (policy == reference while LoRA's B is zero) plus the weight times the
-    chosen reply's mean token NLL, computed here from the model's logits on TRL's own batch."""
+    chosen reply's mean token NLL, computed here from the model's logits on TRL's own batch. Training wraps the
+    model with an adapter in place, so the test loads its own copy rather than the session's shared one."""
     import torch
     from PIL import Image
     from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 
+    from halluscope.models import load_vlm
     from halluscope.training.apasi.dpo import dpo_round, preference_dataset
     from halluscope.training.apasi.settings import DPOSettings
+
+    vlm = load_vlm(tiny_dirs[family])
 
     pairs = pd.DataFrame({"image_id": [7], "prompt": ["Describe this image."], "chosen": ["A red circle."],
                           "rejected": ["A red circle and a star."]})
