@@ -12,6 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 from halluscope.models import load_vlm  # noqa: E402
+from halluscope.models.fingerprint import fingerprint  # noqa: E402
 from halluscope.models.tiny import TINY_FAMILIES, build_tiny_models  # noqa: E402
 
 
@@ -29,12 +30,25 @@ def family(request) -> str:
     return request.param
 
 
+def _shared(key: str, directory):
+    """The session's loaded VLM under `key`, and after the test a check that the test left it as loaded: a test
+    that trains, edits or wraps a model must load its own copy, or every later test of the family runs on the
+    changed one."""
+    if key not in _LOADED:
+        _LOADED[key] = load_vlm(directory)
+        _LOADED[key].fingerprint()
+    shared = _LOADED[key]
+    yield shared
+    if fingerprint(shared.model) != shared.fingerprint() or shared.model.training:
+        del _LOADED[key]
+        pytest.fail(f"this test changed the session's shared {key} model (weights, modules or train mode); load "
+                    f"a copy of its own with load_vlm(tiny_dirs[family])")
+
+
 @pytest.fixture
 def vlm(tiny_dirs, family):
     """The tiny VLM of `family`, loaded once per session."""
-    if family not in _LOADED:
-        _LOADED[family] = load_vlm(tiny_dirs[family])
-    return _LOADED[family]
+    yield from _shared(family, tiny_dirs[family])
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +60,4 @@ def split_dirs(tmp_path_factory):
 @pytest.fixture
 def split_vlm(split_dirs, family):
     """The tiny VLM of `family` with answer words split into pieces, loaded once per session."""
-    key = f"{family}-split"
-    if key not in _LOADED:
-        _LOADED[key] = load_vlm(split_dirs[family])
-    return _LOADED[key]
+    yield from _shared(f"{family}-split", split_dirs[family])
