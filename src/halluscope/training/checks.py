@@ -16,17 +16,24 @@ from collections.abc import Iterator, Mapping, Sequence
 import pandas as pd
 import torch
 
+from halluscope.errors import InputError
 from halluscope.images import ImageLike
 from halluscope.metrics.pope import POPE_TEMPLATE, answer_templates, fill_answer, parse_yes_no, pope_question
 from halluscope.runs import Run
 from halluscope.steps import Progress, sharded_step
 from halluscope.training.sequences import encode_responses, response_ids, response_logprob
 
-__all__ = ["CHECK", "check_objects", "question", "yes_probabilities"]
+__all__ = ["CHECK", "check_doubt", "check_objects", "question", "yes_probabilities"]
 
 #: How the model is asked about each object (recorded in the runs' arguments).
 CHECK = {"template": POPE_TEMPLATE, "rule": "pope", "max_new_tokens": 16, "decoding": "greedy",
          "score": "P(yes) = sigmoid(log p(yes wording) - log p(no wording)), teacher-forced"}
+
+
+def check_doubt(doubt: float) -> None:
+    """InputError unless `doubt`, the P(yes) below which an object is doubted (`--doubt`), is strictly in (0, 1)."""
+    if not 0.0 < doubt < 1.0:
+        raise InputError(f"--doubt {doubt!r}; expected a probability strictly between 0 and 1, e.g. 0.5")
 
 
 def question(obj: str) -> str:

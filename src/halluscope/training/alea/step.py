@@ -38,7 +38,7 @@ from halluscope.training.alea.edit import EditConfig, edit_parameters
 from halluscope.training.alea.locate import (DEFAULT_MODULES, SCORES, layer_differentials, located_parameters,
                                              parameter_names, select_layers)
 from halluscope.training.alea.prefix import SoftPrefix, initial_prefix, mean_nll, train_prefix
-from halluscope.training.checks import CHECK, check_objects
+from halluscope.training.checks import CHECK, check_doubt, check_objects
 from halluscope.training.sequences import response_ids
 
 __all__ = ["LOCATED", "edit_step", "locate_step", "read_located"]
@@ -228,8 +228,8 @@ def locate_step(out: str | os.PathLike, *, model: str, images: str = "synthetic"
         raise InputError(f"unknown --score {score!r}; use one of {', '.join(SCORES)}")
     if locate_pairs < 1 or (max_layers is not None and max_layers < 1):
         raise InputError(f"--locate-pairs {locate_pairs}, --max-layers {max_layers}: expected counts >= 1")
-    if doubt is not None and not 0.0 < doubt < 1.0:
-        raise InputError(f"--doubt {doubt!r}; expected a probability strictly between 0 and 1, e.g. 0.5")
+    if doubt is not None:
+        check_doubt(doubt)
     if doubt is not None and "caption" not in kinds:
         raise InputError("--doubt checks the objects of caption pairs; add --kind caption or leave out --doubt")
     vlm = vlm if vlm is not None else load_model(model)

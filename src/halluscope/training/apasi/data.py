@@ -39,7 +39,7 @@ from halluscope.training.apasi.selfcheck import SELF_CHECK, check_questions, rea
 from halluscope.training.apasi.sentences import join_sentences
 from halluscope.training.apasi.settings import DOUBT
 from halluscope.training.apasi.sources import load_images
-from halluscope.training.checks import CHECK, check_objects
+from halluscope.training.checks import CHECK, check_doubt, check_objects
 
 __all__ = ["DATA_STEP", "DESCRIPTION_DECODING", "PAIR_COLUMNS", "VARIANTS", "apasi_data_step", "check_data_options"]
 
@@ -61,8 +61,7 @@ def check_data_options(*, variant: str, rate: float, top_k: int, objects: int, n
         raise InputError(f"unknown --variant {variant!r}; use one of {', '.join(VARIANTS)}")
     if not 0.0 < rate < 1.0:
         raise InputError(f"--rate {rate!r}; expected a fraction strictly between 0 and 1, e.g. 0.2")
-    if not 0.0 < doubt < 1.0:
-        raise InputError(f"--doubt {doubt!r}; expected a probability strictly between 0 and 1, e.g. 0.5")
+    check_doubt(doubt)
     for name, value in (("--top-k", top_k), ("--objects", objects), ("--n", n), ("--max-new-tokens", max_new_tokens),
                         ("--batch-size", batch_size)):
         if value < 1:
