@@ -1,6 +1,6 @@
 """Second branches decode as extra rows of the real rows' forwards, each exactly as if run alone: at every step,
 every branch's logits equal one full forward (no cache, no padding, no other rows) of that branch's own input,
-on every family, in a batch of prompts of unequal length."""
+on every family, in a batch of prompts of unequal length; teacher-forced continuations likewise."""
 
 from __future__ import annotations
 
@@ -162,3 +162,22 @@ def test_every_branch_is_wrapped_in_the_chat_template(vlm):
     tail = rendered[rendered.index("How many circles?"):]
     assert text.rstrip().endswith(tail.rstrip())
     assert vlm.image_token_id not in encode_text(vlm, ["How many circles?"]).input_ids[0].tolist()
+
+
+def test_scored_continuations_equal_full_forwards_at_every_position(vlm):
+    """`Rows.score` teacher-forces k tokens per row after one prefill, rows copied by `select` (the self-check
+    continues two answers from each prompt): the logits after every fed token equal one full forward of that
+    row's prompt and tokens, for prompts of unequal length."""
+    from halluscope.decoding.branches import Rows
+
+    rows, _, _ = Rows.prefill(vlm, [vlm.encode(PAIRS)], 3)
+    words = vlm.reply_token_ids("Three red circles, a blue star and two squares.")
+    assert len(words) >= 6
+    fed = torch.tensor([words[:3], words[3:6], words[1:4], words[2:3] * 3], device=vlm.device)
+    logits = rows.select(torch.tensor([0, 1, 0, 1])).score(vlm, fed)
+    assert logits.shape == (4, 3, vlm.lm_head.out_features)
+    for row, tokens in enumerate(fed.tolist()):
+        full = append_tokens(vlm.encode([PAIRS[row % 2]]), tokens)
+        with torch.inference_mode():
+            expected = vlm.model(**full.inputs).logits[0, -3:]
+        torch.testing.assert_close(logits[row], expected, atol=1e-4, rtol=0, msg=f"row {row}")

@@ -302,18 +302,28 @@ class Rows:
         """Feed one token per row [rows] (or k per row, [rows, k]); the logits after the last one [rows, vocab] and,
         for hidden-state indices `early`, the real rows' early-exit logits there [len(early), n, vocab] float32,
         or with `mean` their mean [1, n, vocab] (read out in the same lm_head call; else None)."""
-        tokens = tokens if tokens.dim() == 2 else tokens[:, None]
+        out = self._feed(vlm, tokens if tokens.dim() == 2 else tokens[:, None], hidden_states=bool(early))
+        final = out.last_hidden_state[:, -1]
+        if not early:
+            return vlm.lm_head(final), None
+        return early_exit_logits(vlm, [h[:, -1] for h in out.hidden_states], early, self.n, final=final, mean=mean)
+
+    @torch.inference_mode()
+    def score(self, vlm, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed k tokens per row [rows, k] in one forward, as `step` does, and return the logits after each of them
+        [rows, k, vocab]: teacher-forced continuations of the prompts (the cache is prefilled once for all)."""
+        return vlm.lm_head(self._feed(vlm, tokens).last_hidden_state)
+
+    def _feed(self, vlm, tokens: torch.Tensor, hidden_states: bool = False):
+        """One forward of `tokens` [rows, k] after the rows' columns so far, kept in the cache."""
         k = tokens.shape[1]
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], k)], 1)
         set_columns(self.image_columns[:, :self.mask.shape[1]], self.mask)
         positions = self.next_position[..., None] + torch.arange(k, device=tokens.device)
         out = vlm.text_model(input_ids=tokens, attention_mask=self.mask, position_ids=positions, use_cache=True,
-                             output_hidden_states=bool(early), **{cache_argument(vlm.text_model): self.cache})
+                             output_hidden_states=hidden_states, **{cache_argument(vlm.text_model): self.cache})
         self.next_position = self.next_position + k
-        final = out.last_hidden_state[:, -1]
-        if not early:
-            return vlm.lm_head(final), None
-        return early_exit_logits(vlm, [h[:, -1] for h in out.hidden_states], early, self.n, final=final, mean=mean)
+        return out
 
     @torch.inference_mode()
     def peek(self, vlm, tokens: torch.Tensor) -> None:

@@ -21,7 +21,7 @@ from halluscope.images import ImageLike
 from halluscope.metrics.pope import POPE_TEMPLATE, answer_templates, fill_answer, parse_yes_no, pope_question
 from halluscope.runs import Run
 from halluscope.steps import Progress, sharded_step
-from halluscope.training.sequences import encode_responses, response_ids, response_logprob
+from halluscope.training.sequences import response_ids
 
 __all__ = ["CHECK", "check_doubt", "check_objects", "question", "yes_probabilities"]
 
@@ -45,15 +45,26 @@ def yes_probabilities(vlm, asked: Sequence[tuple[ImageLike, str]], wordings: Map
                       batch_size: int = 16) -> list[float]:
     """P(yes) for each (image, object) asked about: the model's "yes" and "no" `wordings` (templates with "{}"
     for the object) teacher-forced after the image and POPE's question, and sigmoid of the difference of their
-    log-likelihoods."""
+    log-likelihoods. Each image and question is run once: both wordings continue from its cached prefill."""
+    from halluscope.decoding.branches import Rows
+
     out: list[float] = []
     for start in range(0, len(asked), batch_size):
-        rows = [(image, question(obj), response_ids(vlm, fill_answer(wordings[answer], obj)))
-                for image, obj in asked[start:start + batch_size] for answer in ("yes", "no")]
-        batch = encode_responses(vlm, rows)
-        with torch.no_grad():
-            logprob = response_logprob(vlm.model(**batch.inputs).logits, batch)
-        out += torch.sigmoid(logprob[0::2] - logprob[1::2]).tolist()
+        chunk = asked[start:start + batch_size]
+        n = len(chunk)
+        answers = [response_ids(vlm, fill_answer(wordings[answer], obj)) for answer in ("yes", "no")
+                   for _, obj in chunk]
+        width = max(len(ids) for ids in answers)
+        rows, first, _ = Rows.prefill(vlm, [vlm.encode([(image, question(obj)) for image, obj in chunk])], width)
+        tokens = torch.tensor([ids + ids[-1:] * (width - len(ids)) for ids in answers], device=first.device)
+        logits = first.repeat(2, 1)[:, None]
+        if width > 1:  # the tokens after the first, each predicted by the one before it
+            logits = torch.cat([logits, rows.select(torch.arange(n).repeat(2)).score(vlm, tokens[:, :-1])], 1)
+        token = torch.log_softmax(logits.float(), -1).gather(2, tokens[:, :, None]).squeeze(2)
+        real = torch.arange(width, device=token.device)[None] < torch.tensor([len(ids) for ids in answers],
+                                                                              device=token.device)[:, None]
+        logprob = torch.where(real, token, 0.0).sum(1)
+        out += torch.sigmoid(logprob[:n] - logprob[n:]).tolist()
     return out
 
 
