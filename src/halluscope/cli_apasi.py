@@ -88,6 +88,11 @@ def data(model: str = _MODEL,
         shares = summary["absent_mentions"]
         Console().print(f"  mentions of absent objects: chosen {shares['chosen']:.3f}, rejected "
                         f"{shares['rejected']:.3f}", highlight=False)
+    separated = summary.get("self_check")
+    if separated and separated["auroc"] is not None:
+        Console().print(f"  self-check against the drawn objects: AUROC {separated['auroc']:.3f}; doubted "
+                        f"{separated['doubted_present']:.1%} of the {separated['present']} present objects named, "
+                        f"{separated['doubted_absent']:.1%} of the {separated['absent']} absent ones", highlight=False)
 
 
 @apasi_app.command("train")

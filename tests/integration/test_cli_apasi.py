@@ -251,6 +251,27 @@ def test_apasi_self_check_variant_asks_about_every_named_object_and_pairs_the_ch
     assert regenerated["steps"]["apasi-data"]["arguments"]["doubt"] == float(doubt)
 
 
+def test_apasi_self_check_on_synthetic_scenes_records_how_well_p_yes_separates_present_objects(cli, taught,
+                                                                                                 tmp_path):
+    from halluscope.training.apasi.sources import load_images
+
+    data = tmp_path / "data"
+    code, out, err = _data(cli, taught, "synthetic", data, "--variant", "self-check")
+    assert code == 0, err
+    checks = pd.read_parquet(data / "checks.parquet")
+    truth = load_images("synthetic", n=4, seed=1).truth
+    present = [obj in truth[item] for item, obj in zip(checks["item"], checks["object"])]  # image k is item k
+    yes_present = [p for p, kind in zip(checks["p_yes"], present) if kind]
+    yes_absent = [p for p, kind in zip(checks["p_yes"], present) if not kind]
+    assert yes_present and yes_absent  # the taught descriptions name shapes some scenes hold and others not
+    wins = sum((a > b) + 0.5 * (a == b) for a in yes_present for b in yes_absent)
+    separated = json.loads((data / "manifest.json").read_text())["steps"]["apasi-data"]["summary"]["self_check"]
+    assert separated["auroc"] == round(wins / (len(yes_present) * len(yes_absent)), 4)
+    assert (separated["present"], separated["absent"]) == (len(yes_present), len(yes_absent))
+    assert separated["doubted_absent"] == round(sum(p < 0.5 for p in yes_absent) / len(yes_absent), 4)
+    assert f"AUROC {separated['auroc']:.3f}" in out
+
+
 def _one_error_line(err: str) -> str:
     assert "Traceback" not in err
     lines = err.strip().splitlines()

@@ -36,3 +36,15 @@ def test_yes_probabilities_compare_the_two_wordings_whatever_the_batch(vlm):
             logprob[answer] = float(torch.log_softmax(logits[0], -1)[batch.predicts[0]].gather(
                 1, batch.targets[0][batch.predicts[0]][:, None]).sum())
         assert p_yes == pytest.approx(1.0 / (1.0 + math.exp(logprob["no"] - logprob["yes"])), abs=1e-5)
+
+
+def test_separation_counts_the_pairs_a_present_object_wins_and_the_doubted_share_of_each_kind():
+    from halluscope.training.checks import separation
+
+    p_yes = [0.9, 0.4, 0.7, 0.7, 0.2, 0.95]
+    present = [True, True, False, True, False, False]
+    # by hand: present 0.9, 0.4, 0.7 against absent 0.7, 0.2, 0.95 -> wins 2 + 1 + (1 + 0.5) of 9 pairs
+    assert separation(p_yes, present, 0.5) == {"auroc": round(4.5 / 9, 4), "present": 3, "absent": 3,
+                                               "doubted_present": round(1 / 3, 4), "doubted_absent": round(1 / 3, 4)}
+    assert separation([0.3, 0.8], [True, True], 0.5) == {"auroc": None, "present": 2, "absent": 0,
+                                                         "doubted_present": 0.5, "doubted_absent": None}

@@ -23,7 +23,7 @@ from halluscope.runs import Run
 from halluscope.steps import Progress, sharded_step
 from halluscope.training.sequences import response_ids
 
-__all__ = ["CHECK", "check_doubt", "check_objects", "question", "yes_probabilities"]
+__all__ = ["CHECK", "check_doubt", "check_objects", "question", "separation", "yes_probabilities"]
 
 #: How the model is asked about each object (recorded in the runs' arguments).
 CHECK = {"template": POPE_TEMPLATE, "rule": "pope", "max_new_tokens": 16, "decoding": "greedy",
@@ -66,6 +66,26 @@ def yes_probabilities(vlm, asked: Sequence[tuple[ImageLike, str]], wordings: Map
         logprob = torch.where(real, token, 0.0).sum(1)
         out += torch.sigmoid(logprob[:n] - logprob[n:]).tolist()
     return out
+
+
+def separation(p_yes: Sequence[float], present: Sequence[bool], doubt: float) -> dict[str, float | int | None]:
+    """Where the images' objects are known: how well P(yes) tells the present objects asked about from the absent
+    ones. `auroc` is the chance that a present object gets a higher P(yes) than an absent one (ties count half;
+    None without both kinds); `doubted_present` and `doubted_absent` are the shares of each with P(yes) < `doubt`.
+    The labels a self-check makes can be no better than this."""
+    table = pd.DataFrame({"p_yes": list(p_yes), "present": [bool(v) for v in present]})
+    kinds = {kind: table[table["present"] == (kind == "present")] for kind in ("present", "absent")}
+    n_present, n_absent = len(kinds["present"]), len(kinds["absent"])
+    auroc = None
+    if n_present and n_absent:
+        ranks = table["p_yes"].rank()[table["present"]]
+        auroc = round(float(ranks.sum() - n_present * (n_present + 1) / 2) / (n_present * n_absent), 4)
+
+    def doubted(rows: pd.DataFrame) -> float | None:
+        return round(float((rows["p_yes"] < doubt).mean()), 4) if len(rows) else None
+
+    return {"auroc": auroc, "present": n_present, "absent": n_absent, "doubted_present": doubted(kinds["present"]),
+            "doubted_absent": doubted(kinds["absent"])}
 
 
 def check_objects(run: Run, vlm, asked: Sequence[tuple[ImageLike, str]], *, prefix: str, batch_size: int,

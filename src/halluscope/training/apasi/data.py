@@ -39,7 +39,7 @@ from halluscope.training.apasi.selfcheck import SELF_CHECK, check_questions, rea
 from halluscope.training.apasi.sentences import join_sentences
 from halluscope.training.apasi.settings import DOUBT
 from halluscope.training.apasi.sources import load_images
-from halluscope.training.checks import CHECK, check_doubt, check_objects
+from halluscope.training.checks import CHECK, check_doubt, check_objects, separation
 
 __all__ = ["DATA_STEP", "DESCRIPTION_DECODING", "PAIR_COLUMNS", "VARIANTS", "apasi_data_step", "check_data_options"]
 
@@ -139,6 +139,8 @@ def apasi_data_step(out: str | Path, *, model: str, images: str = "synthetic", n
         summary = _summary(pairs, dropped, graph, n_images=len(items), seconds=time.time() - began)
         if source.truth is not None and len(pairs):
             summary["absent_mentions"] = _absent_mentions(pairs, source.truth, reader)
+        if variant == SELF_CHECK and source.truth is not None:
+            summary["self_check"] = _separation(run.read_table("checks"), items, source.truth, doubt)
         run.finish_step(DATA_STEP, summary)
     return {"pairs": pairs, "graph": graph, "summary": summary, "run": run}
 
@@ -251,6 +253,15 @@ def _summary(pairs: pd.DataFrame, dropped: Counter, graph: ObjectGraph, *, n_ima
             "dropped": {DROP_REASONS[k]: int(v) for k, v in sorted(dropped.items())},
             "graph": {"objects": len(graph.counts), "mean_objects_per_description": round(graph.mean_objects(), 3)},
             "seconds": round(seconds, 1)}
+
+
+def _separation(checks: pd.DataFrame, items: pd.DataFrame, truth: dict[int, frozenset[str]],
+                doubt: float) -> dict[str, float | int | None]:
+    """Where the images' objects are known: how well the self-check's P(yes) tells the present objects the
+    descriptions name from the absent ones (`training.checks.separation`)."""
+    image_ids = items["image_id"].tolist()
+    present = [obj in truth[image_ids[item]] for item, obj in zip(checks["item"], checks["object"])]
+    return separation(checks["p_yes"], present, doubt)
 
 
 def _absent_mentions(pairs: pd.DataFrame, truth: dict[int, frozenset[str]], reader: MentionReader
