@@ -31,7 +31,7 @@ class SceneRecipe(Recipe):
     settings."""
 
     kind: ClassVar[str] = "scenes"
-    steps: int = 6000
+    steps: int = 10000
     vision_width: int = 128
     pool_images: int = 6000
     # p(an absent ring neighbour of a present category is named / answered "yes") in a training target, for scenes
