@@ -176,7 +176,7 @@ def test_apasi_replace_variant_continues_guide_phrases(cli, taught, images, tmp_
         (index,) = row.replaced
         assert index != 0 and len(rejected) >= len(chosen)
         assert rejected[:index] == chosen[:index]
-        assert row.guide_objects[0] in rejected[index].text
+        assert row.guide_objects[0] in _reader().objects(rejected[index].text)  # by name or synonym ("block")
 
 
 
@@ -227,7 +227,8 @@ def test_apasi_self_check_variant_asks_about_every_named_object_and_pairs_the_ch
 
     # a higher --doubt leaves out the object the model is least sure of: refused on this run, made with --force
     low = checks.sort_values("p_yes").iloc[0]
-    doubt = f"{(low.p_yes + checks['p_yes'][checks['p_yes'] > low.p_yes].min()) / 2:.6f}"
+    # unrounded: on some CPUs the taught model's P(yes) values differ only in the 7th digit
+    doubt = repr(float(low.p_yes + checks["p_yes"][checks["p_yes"] > low.p_yes].min()) / 2)
     code, _, err = _data(cli, taught, images, data, "--variant", "self-check", "--doubt", doubt)
     assert code == 2 and "different inputs" in err and "--force" in err
     code, out, err = _data(cli, taught, images, data, "--variant", "self-check", "--doubt", doubt, "--force")
