@@ -125,8 +125,8 @@ def apasi_data_step(out: str | Path, *, model: str, images: str = "synthetic", n
         graph = build_graph(read, source.vocabulary.name)
         run.write_json("graph", graph.to_dict())
         if variant == SELF_CHECK:
-            answers = _check(run, vlm, items, read, doubt=doubt, batch_size=batch_size, force=force,
-                             progress=progress)
+            answers, checks = _check(run, vlm, items, read, doubt=doubt, batch_size=batch_size, force=force,
+                                     progress=progress)
             pairs, dropped = _self_check_pairs(descriptions, read, answers, seed)
         else:
             words = surface_words(source.vocabulary)
@@ -140,7 +140,7 @@ def apasi_data_step(out: str | Path, *, model: str, images: str = "synthetic", n
         if source.truth is not None and len(pairs):
             summary["absent_mentions"] = _absent_mentions(pairs, source.truth, reader)
         if variant == SELF_CHECK and source.truth is not None:
-            summary["self_check"] = _separation(run.read_table("checks"), items, source.truth, doubt)
+            summary["self_check"] = _separation(checks, items, source.truth, doubt)
         run.finish_step(DATA_STEP, summary)
     return {"pairs": pairs, "graph": graph, "summary": summary, "run": run}
 
@@ -209,19 +209,20 @@ def _pairs(descriptions: pd.DataFrame, read: list[Description], plans: list[Plan
 
 
 def _check(run: Run, vlm, items: pd.DataFrame, read: list[Description], *, doubt: float, batch_size: int,
-           force: bool, progress: Progress) -> dict[int, dict[str, str]]:
+           force: bool, progress: Progress) -> tuple[dict[int, dict[str, str]], pd.DataFrame]:
     """The self-check's model stages (`training.checks.check_objects`) on every object each description names,
-    written as `checks.parquet`; returns item -> {object: "no" where P(yes) < doubt, else "yes"}."""
+    written as `checks.parquet`; returns item -> {object: "no" where P(yes) < doubt, else "yes"}, and that table."""
     questions = check_questions(read)
     images = items["image"].tolist()
     checked = check_objects(run, vlm, [(images[item], obj) for item, obj in questions], prefix="apasi",
                             batch_size=batch_size, force=force, progress=progress)
     answers = read_answers(questions, checked["p_yes"].tolist(), doubt)
-    run.write_table("checks", checked.assign(
+    checks = checked.assign(
         item=[item for item, _ in questions], object=[obj for _, obj in questions],
         doubted=[answers[item][obj] == "no" for item, obj in questions])[
-        ["item", "object", "reply", "answer", "p_yes", "doubted"]])
-    return answers
+        ["item", "object", "reply", "answer", "p_yes", "doubted"]]
+    run.write_table("checks", checks)
+    return answers, checks
 
 
 def _self_check_pairs(descriptions: pd.DataFrame, read: list[Description], answers: dict[int, dict[str, str]],
