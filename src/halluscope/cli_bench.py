@@ -6,6 +6,7 @@ under each named mitigation method, into a run directory with one comparison tab
     halluscope bench pope --model organism-scenes --data synthetic --method heads:L0H1,L1H2 --out runs/pope
     halluscope bench chair --model organism-scenes --data synthetic --method vcd --out runs/chair
     halluscope bench pih --model organism --task count --size 112 --method vcd --method heads:L0H2 --out runs/pih
+    halluscope bench compare runs/chair runs/chair-apasi --out runs/chair-compare
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from rich.table import Table
 
 from halluscope.cli import GPUS_PER_WORKER, RAY, WORKERS, _ints, app, progress_bar, scale_of
 
-__all__ = ["bench_app", "pope", "chair", "pih"]
+__all__ = ["bench_app", "chair", "compare", "pih", "pope"]
 
 bench_app = typer.Typer(no_args_is_help=True,
                         help="Hallucination benchmarks (POPE, CHAIR, the PIH task): greedy vs mitigation methods.")
@@ -100,6 +101,34 @@ def pih(model: str = _MODEL,
     _run("pih", model=model, data=data, methods=methods or [], out=out, n=n, seed=seed, task=task,
          offsets=_ints(offsets, "offsets"), size=size, max_new_tokens=max_new_tokens, batch_size=batch_size,
          force=force, scale=scale_of(ray, workers, gpus_per_worker))
+
+
+@bench_app.command("compare")
+def compare(runs: List[Path] = typer.Argument(..., help="Finished `bench pope` or `bench chair` run directories "
+                                                        "of one benchmark; the first run's first method is the "
+                                                        "baseline."),
+            out: Path = _OUT,
+            resamples: int = typer.Option(2000, "--bootstrap", min=1, help="Bootstrap resamples of the images."),
+            seed: int = typer.Option(0, "--seed", help="Seed of the resamples."),
+            level: float = typer.Option(0.95, "--level", help="Confidence level of the intervals."),
+            force: bool = _FORCE) -> None:
+    """Each method's change from the baseline with a paired bootstrap interval over images: a before/after table.
+
+    Example: halluscope bench compare runs/chair runs/chair-apasi --out runs/chair-compare
+    """
+    from halluscope.bench.compare import compare_step
+
+    result = compare_step(out, runs=runs, resamples=resamples, seed=seed, level=level, force=force)
+    table, summary = result["table"], result["summary"]
+    shown = Table(title=f"{summary['benchmark'].upper()}: change from {summary['baseline']} ({result['run'].path})")
+    keys = [c for c in ("arm", "split", "metric") if c in table.columns]
+    for column in (*keys, "value", "change", "interval", "relative"):
+        shown.add_column(column, justify="left" if column in keys else "right", overflow="fold")
+    for row in table.to_dict("records"):
+        shown.add_row(*(str(row[k]) for k in keys), f"{row['value']:.3f}", f"{row['change']:+.3f}",
+                      f"[{row['change_low']:+.3f}, {row['change_high']:+.3f}]", f"{row['relative']:+.1%}")
+    Console().print(shown)
+    Console().print(f"  {summary['n_images']} images; {summary['interval']}", highlight=False, soft_wrap=True)
 
 
 def _run(benchmark: str, **arguments) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -148,3 +149,59 @@ def test_bench_runs_offline_on_the_scenes_organism(cli, tmp_path, benchmark):
 def test_organism_train_names_an_unknown_kind_before_writing(cli, tmp_path):
     code, _, err = cli("organism", "train", "--kind", "scene", "--out", tmp_path / "o")
     assert code == 2 and "Did you mean 'scenes'" in err and not (tmp_path / "o").exists()
+
+
+def test_bench_compare_sets_runs_side_by_side_and_reads_them_as_they_are_now(cli, model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths, as a user types them
+    chair = ("bench", "chair", "--model", model, "--n", "3", "--max-new-tokens", "6")
+    assert cli(*chair, "--out", "before")[0] == 0
+    assert cli(*chair, "--method", "heads:L0H0", "--out", "after")[0] == 0
+    compare = ("bench", "compare", "before", "after", "--out", "compare", "--bootstrap", "50")
+    code, out, err = cli(*compare)
+    assert code == 0, err
+    table = pd.read_parquet("compare/compare.parquet")
+    assert table["arm"].unique().tolist() == ["before", "after:greedy", "after:heads:L0H0"]
+    assert "after:heads:L0H0" in out and "paired bootstrap" in out
+    for arm, run, method in [("before", "before", "greedy"), ("after:heads:L0H0", "after", "heads:L0H0")]:
+        expected = pd.read_parquet(f"{run}/chair.parquet").set_index("method").loc[method, list(CHAIR_COLUMNS[1:])]
+        got = table[table["arm"] == arm].set_index("metric").loc[list(CHAIR_COLUMNS[1:]), "value"]
+        np.testing.assert_allclose(got.to_numpy(float), expected.to_numpy(float), rtol=1e-12, equal_nan=True)
+    # the same model decoded greedily on the same images: no change in any resample
+    same = table[table["arm"] == "after:greedy"][["change", "change_low", "change_high"]].to_numpy(float)
+    assert np.all((same == 0) | np.isnan(same))
+    assert (tmp_path / "compare" / "plots" / "compare.png").is_file() and "## Relative change" in \
+        (tmp_path / "compare" / "compare.md").read_text()
+    step = json.loads((tmp_path / "compare" / "manifest.json").read_text())["steps"]["bench-compare"]
+    assert step["arguments"]["runs"] == [str(tmp_path / "before"), str(tmp_path / "after")]
+
+    assert cli(*chair, "--method", "heads:L1H1", "--out", "before")[0] == 0  # a method added to the baseline run
+    assert cli(*compare)[0] == 0
+    arms = pd.read_parquet("compare/compare.parquet")["arm"].unique().tolist()
+    assert arms == ["before:greedy", "before:heads:L1H1", "after:greedy", "after:heads:L0H0"]
+
+    code, _, err = cli(*compare[:-1], "60")
+    assert code != 0 and "--force" in err
+    assert cli(*compare[:-1], "60", "--force")[0] == 0
+
+
+def test_bench_compare_reads_pope_per_split_and_refuses_runs_it_cannot_compare(cli, model, tmp_path):
+    pope = tmp_path / "pope"
+    assert cli("bench", "pope", "--model", model, "--n", "3", "--max-new-tokens", "4", "--method", "heads:L0H1",
+               "--out", pope)[0] == 0
+    code, _, err = cli("bench", "compare", pope, "--out", tmp_path / "compare")
+    assert code == 0, err
+    table = pd.read_parquet(tmp_path / "compare" / "compare.parquet")
+    assert table[["arm", "split"]].drop_duplicates().values.tolist() == [
+        [f"pope:{m}", s] for m in ("greedy", "heads:L0H1") for s in ("random", "popular", "adversarial")]
+    expected = pd.read_parquet(pope / "pope.parquet").set_index(["method", "split"])["f1"]
+    got = table[table["metric"] == "f1"].set_index(["arm", "split"])["value"]
+    np.testing.assert_allclose(got.to_numpy(float), expected.to_numpy(float), rtol=1e-12, equal_nan=True)
+
+    chair = tmp_path / "chair"
+    assert cli("bench", "chair", "--model", model, "--n", "3", "--max-new-tokens", "4", "--out", chair)[0] == 0
+    for runs, message in [((pope, chair), "compare runs of one benchmark"),
+                          ((chair,), "pass two or more bench runs"),
+                          ((chair, tmp_path), "no run")]:
+        code, _, err = cli("bench", "compare", *runs, "--out", tmp_path / "refused")
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "refused").exists()

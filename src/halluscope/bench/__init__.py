@@ -8,5 +8,6 @@ with one comparison table.
 
 Modules: `data` (synthetic scenes or a COCO-format directory), `methods` (what is compared: every registered
 decoding method, with settings), `pope`, `chair` and `pih` (items, scoring, setting lines and plot of each
-benchmark), `step` (the run: shards per method, the table, its markdown and plot).
+benchmark), `step` (the run: shards per method, the table, its markdown and plot), `compare` (finished runs side
+by side, changes with paired bootstrap intervals over images).
 """

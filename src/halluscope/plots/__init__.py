@@ -16,7 +16,7 @@ _MODULES = {
                     "plot_rate_by_condition", "plot_rate_by_truth"],
     "analysis_figures": ["attention_plots", "plot_attention_map", "plot_layer_shares", "plot_lens",
                          "plot_probability_shift"],
-    "bench_figures": ["plot_chair", "plot_pope"],
+    "bench_figures": ["plot_chair", "plot_comparison", "plot_pope"],
     "alea_figures": ["plot_differentials"],
     "intervals": ["mean_intervals", "wilson_interval", "with_intervals"],
     "html_report": ["render_report", "report_step"],

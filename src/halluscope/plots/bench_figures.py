@@ -6,12 +6,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 
 from halluscope.plots.figure import PathLike, caption, new_figure, new_panels, require_columns, save_png, set_titles
 
-__all__ = ["plot_pope", "plot_chair"]
+__all__ = ["plot_chair", "plot_comparison", "plot_pope"]
 
 _FIX = "pass the comparison table `halluscope bench` writes"
 
@@ -59,4 +60,31 @@ def plot_chair(table: pd.DataFrame, path: PathLike, *, title: str, n_captions: i
     _bars(ax, metrics, methods, table.set_index("method")[metrics], "fraction (CHAIR: lower is better)")
     ax.legend(fontsize="small", loc="upper left")
     set_titles(fig, title, caption([n_captions], "captions per bar", interval=None), ax=ax)
+    return save_png(fig, path)
+
+
+def plot_comparison(table: pd.DataFrame, path: PathLike, *, title: str, note: str) -> Path:
+    """Each arm's change from the baseline (the first arm) with its interval, one panel per metric; returns the
+    PNG's path.
+
+    Raises:
+        InputError: `table` lacks the columns `halluscope bench compare` writes.
+    """
+    require_columns(table, ["arm", "metric", "change", "change_low", "change_high"], "plot_comparison",
+                    "pass the table `halluscope bench compare` writes")
+    shown = table[table["arm"] != table["arm"].iloc[0]]
+    metrics = list(dict.fromkeys(shown["metric"]))
+    fig, axes = new_panels(len(metrics), width=3.2, height=1.2 + 0.35 * len(shown) / max(1, len(metrics)))
+    for ax, metric in zip(axes, metrics):
+        rows = shown[shown["metric"] == metric]
+        labels = [f"{a} ({s})" for a, s in zip(rows["arm"], rows["split"])] if "split" in rows else list(rows["arm"])
+        y = list(range(len(rows)))[::-1]
+        errors = np.clip([rows["change"] - rows["change_low"], rows["change_high"] - rows["change"]], 0, None)
+        ax.errorbar(rows["change"], y, xerr=errors, fmt="o", capsize=3)
+        ax.axvline(0.0, color="grey", linewidth=0.8)
+        ax.set_yticks(y, labels if ax is axes[0] else [""] * len(y), fontsize="small")
+        ax.set_title(metric, fontsize="medium")
+        ax.set_xlabel("change")
+        ax.grid(axis="x", alpha=0.3)
+    set_titles(fig, title, note)
     return save_png(fig, path)
