@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
+from matplotlib.ticker import MaxNLocator
 
 from halluscope.plots.figure import PathLike, caption, new_figure, new_panels, require_columns, save_png, set_titles
 
@@ -85,6 +86,7 @@ def plot_comparison(table: pd.DataFrame, path: PathLike, *, title: str, note: st
         ax.set_yticks(y, labels if ax is axes[0] else [""] * len(y), fontsize="small")
         ax.set_title(metric, fontsize="medium")
         ax.set_xlabel("change")
+        ax.xaxis.set_major_locator(MaxNLocator(4))
         ax.grid(axis="x", alpha=0.3)
     set_titles(fig, title, note)
     return save_png(fig, path)
