@@ -6,6 +6,7 @@ method's replies, the one-line errors), and pope and chair on the shipped scenes
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -199,7 +200,13 @@ def test_bench_compare_reads_pope_per_split_and_refuses_runs_it_cannot_compare(c
 
     chair = tmp_path / "chair"
     assert cli("bench", "chair", "--model", model, "--n", "3", "--max-new-tokens", "4", "--out", chair)[0] == 0
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(chair, unfinished)
+    manifest = json.loads((unfinished / "manifest.json").read_text())
+    manifest["steps"]["bench-chair"]["status"] = "running"  # as a killed run leaves it
+    (unfinished / "manifest.json").write_text(json.dumps(manifest))
     for runs, message in [((pope, chair), "compare runs of one benchmark"),
+                          ((chair, unfinished), "has not finished; rerun its command to resume it"),
                           ((chair,), "pass two or more bench runs"),
                           ((chair, tmp_path), "no run")]:
         code, _, err = cli("bench", "compare", *runs, "--out", tmp_path / "refused")

@@ -242,7 +242,7 @@ def compare_step(out: str | Path, *, runs: Sequence[str | Path], resamples: int 
     table = compare_arms(benchmark, arms, resamples=resamples, seed=seed, level=level)
     arguments = {"runs": [i["run"] for i in inputs], "bootstrap": resamples, "seed": seed, "level": level}
     summary = {"benchmark": benchmark, "baseline": arms[0].label, "n_images": len(arms[0].counts),
-               "interval": f"{level:.0%} paired bootstrap percentile interval over images ({resamples} resamples, "
+               "interval": f"{100 * level:g}% paired bootstrap percentile interval over images ({resamples} resamples, "
                            f"seed {seed})", "inputs": inputs, "table": table.to_dict("records")}
     with writer_lock(out, create=True):
         run = Run.create(out, step="bench-compare", arguments=arguments, force=force)
