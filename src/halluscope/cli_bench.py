@@ -104,9 +104,9 @@ def pih(model: str = _MODEL,
 
 
 @bench_app.command("compare")
-def compare(runs: List[Path] = typer.Argument(..., help="Finished `bench pope` or `bench chair` run directories "
-                                                        "of one benchmark; the first run's first method is the "
-                                                        "baseline."),
+def compare(runs: List[Path] = typer.Argument(..., help="Finished `bench pope`, `bench chair` or `bench pih` run "
+                                                        "directories of one benchmark; the first run's first "
+                                                        "method is the baseline."),
             out: Path = _OUT,
             resamples: int = typer.Option(2000, "--bootstrap", min=1, help="Bootstrap resamples of the images."),
             seed: int = typer.Option(0, "--seed", help="Seed of the resamples."),

@@ -212,3 +212,17 @@ def test_bench_compare_reads_pope_per_split_and_refuses_runs_it_cannot_compare(c
         code, _, err = cli("bench", "compare", *runs, "--out", tmp_path / "refused")
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "refused").exists()
+
+
+def test_bench_compare_reads_the_pih_task_per_method(cli, model, tmp_path):
+    run = tmp_path / "pih"
+    assert cli("bench", "pih", "--model", model, "--task", "count", "--n", "2", "--size", "112", "--offsets", "1,2",
+               "--max-new-tokens", "4", "--method", "heads:L0H1", "--out", run)[0] == 0
+    code, out, err = cli("bench", "compare", run, "--out", tmp_path / "compare")
+    assert code == 0, err
+    table = pd.read_parquet(tmp_path / "compare" / "compare.parquet")
+    rates = ["base_accuracy", "copy_rate", "correction_rate"]
+    assert table["arm"].unique().tolist() == ["pih:greedy", "pih:heads:L0H1"] and table["metric"].unique().tolist() \
+        == rates
+    expected = pd.read_parquet(run / "pih.parquet").set_index("method")[rates].to_numpy(float).ravel()
+    np.testing.assert_allclose(table["value"].to_numpy(float), expected, rtol=1e-12, equal_nan=True)

@@ -1,4 +1,4 @@
-"""`bench.compare`: per-image counts give exactly the benchmarks' own metrics, the weighted bootstrap equals
+"""`bench.compare`: per-image counts give exactly the benchmarks' own metrics (CHAIR, POPE, pih), the weighted bootstrap equals
 resampling the images one by one and rescoring, an arm compared with itself changes by exactly nothing, and
 arms that cannot be compared are refused."""
 
@@ -10,6 +10,7 @@ import pytest
 
 from halluscope.bench.compare import Arm, arm_counts, bootstrap_weights, compare_arms, metric_values
 from halluscope.errors import InputError
+from halluscope.metrics.pih import summarize
 from halluscope.metrics.pope import pope_metrics
 
 SPLITS = ("random", "popular", "adversarial")
@@ -33,6 +34,20 @@ def _pope_replies(rng: np.random.Generator, n_images: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _pih_replies(rng: np.random.Generator, n_images: int) -> pd.DataFrame:
+    """Classified replies as `bench pih` writes them: per image the base question, the control and two claims."""
+    rows = [{"sample_id": f"{image}-{condition}", "image_id": f"img{image}", "condition": condition, "truth": 3,
+             "outcome": rng.choice(["copied", "corrected", "other"])}
+            for image in range(n_images) for condition in ("base", "control", "+1", "+2")]
+    return pd.DataFrame(rows)
+
+
+def _pih_by_hand(replies: pd.DataFrame) -> dict[str, float]:
+    summary = summarize(replies)
+    return {m: np.nan if summary[m] is None else summary[m] for m in ("base_accuracy", "copy_rate",
+                                                                      "correction_rate")}
+
+
 def _chair_by_hand(replies: pd.DataFrame) -> dict[str, float]:
     return {"chair_s": replies["chair_s"].mean(),
             "chair_i": replies["n_hallucinated"].sum() / replies["n_mentions"].sum(),
@@ -49,15 +64,15 @@ def _pope_by_hand(replies: pd.DataFrame) -> dict[tuple[str, str], float]:
 
 
 def _by_hand(benchmark: str, replies: pd.DataFrame) -> dict:
-    return _chair_by_hand(replies) if benchmark == "chair" else _pope_by_hand(replies)
+    return {"chair": _chair_by_hand, "pope": _pope_by_hand, "pih": _pih_by_hand}[benchmark](replies)
 
 
 def _replies(benchmark: str, seed: int, n_images: int) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    return _chair_replies(rng, n_images) if benchmark == "chair" else _pope_replies(rng, n_images)
+    make = {"chair": _chair_replies, "pope": _pope_replies, "pih": _pih_replies}[benchmark]
+    return make(np.random.default_rng(seed), n_images)
 
 
-@pytest.mark.parametrize("benchmark", ["chair", "pope"])
+@pytest.mark.parametrize("benchmark", ["chair", "pope", "pih"])
 def test_summed_counts_give_the_benchmarks_own_metrics(benchmark):
     replies = _replies(benchmark, 0, 7)
     counts = arm_counts(benchmark, replies)
@@ -74,7 +89,7 @@ def test_pope_f1_is_undefined_where_the_scorer_says_so():
     assert np.isnan(values[("random", "precision")]) and values[("random", "accuracy")] == scores["accuracy"]
 
 
-@pytest.mark.parametrize("benchmark", ["chair", "pope"])
+@pytest.mark.parametrize("benchmark", ["chair", "pope", "pih"])
 @pytest.mark.parametrize("n_images", [1, 2, 9])
 def test_weighted_resamples_equal_rescoring_the_resampled_images(benchmark, n_images):
     replies = _replies(benchmark, 1, n_images)
@@ -91,7 +106,7 @@ def test_weighted_resamples_equal_rescoring_the_resampled_images(benchmark, n_im
             assert (np.isnan(got) and np.isnan(expected)) or got == pytest.approx(expected, rel=1e-12, abs=0)
 
 
-@pytest.mark.parametrize("benchmark", ["chair", "pope"])
+@pytest.mark.parametrize("benchmark", ["chair", "pope", "pih"])
 def test_intervals_are_the_percentiles_of_the_resampled_changes(benchmark):
     before, after = _replies(benchmark, 2, 12), _replies(benchmark, 5, 12)
     arms = [Arm("before", "m0", arm_counts(benchmark, before)), Arm("after", "m1", arm_counts(benchmark, after))]

@@ -1,10 +1,10 @@
-"""`compare_step`: finished `bench pope` or `bench chair` runs side by side, each method's change from the first
-with a paired bootstrap confidence interval over images.
+"""`compare_step`: finished `bench pope`, `bench chair` or `bench pih` runs side by side, each method's change from
+the first with a paired bootstrap confidence interval over images.
 
 A before/after table from two benchmark runs is only as good as the noise behind it: on 100 images CHAIR_i moves
 by a few hundredths between training seeds, and POPE F1 by one or two answers in 600. Every metric of both tables
 is a ratio of sums of per-image counts (CHAIR_i = hallucinated / mentioned objects, POPE precision = TP / (TP +
-FP), ...), so one resample of the images (the same draw for every arm: the comparison is paired) gives every
+FP), PIH copy rate = copied / misleading prompts, ...), so one resample of the images (the same draw for every arm: the comparison is paired) gives every
 metric of every arm at once, as weighted sums of the counts. The runs must have asked the same items of the same
 images and scored them the same way; the first arm (the first run's first method) is the baseline.
 
@@ -28,7 +28,7 @@ __all__ = ["BENCHMARKS", "COLUMNS", "METRICS", "Arm", "arm_counts", "bootstrap_w
            "compare_step", "metric_values"]
 
 #: The benchmarks a comparison reads.
-BENCHMARKS = ("pope", "chair")
+BENCHMARKS = ("pope", "chair", "pih")
 #: Each metric as (numerator, denominator): weights over the per-image count columns (`COUNTS`).
 METRICS: dict[str, dict[str, tuple[dict[str, float], dict[str, float]]]] = {
     "chair": {"chair_s": ({"hallucinating": 1}, {"captions": 1}),
@@ -40,15 +40,20 @@ METRICS: dict[str, dict[str, tuple[dict[str, float], dict[str, float]]]] = {
              "recall": ({"tp": 1}, {"tp": 1, "fn": 1}),
              "f1": ({"tp": 2}, {"tp": 2, "fp": 1, "fn": 1}),
              "yes_ratio": ({"tp": 1, "fp": 1}, {"tp": 1, "fp": 1, "tn": 1, "fn": 1})},
+    "pih": {"base_accuracy": ({"base_correct": 1}, {"base": 1}),
+            "copy_rate": ({"copied": 1}, {"misleading": 1}),
+            "correction_rate": ({"corrected": 1}, {"misleading": 1})},
 }
 #: The per-image counts each benchmark's metrics are built from.
 COUNTS = {"chair": ("captions", "hallucinating", "hallucinated", "mentioned", "recalled", "ground_truth", "words"),
-          "pope": ("tp", "fp", "tn", "fn")}
+          "pope": ("tp", "fp", "tn", "fn"),
+          "pih": ("base", "base_correct", "misleading", "copied", "corrected")}
 #: The comparison table's columns (POPE adds `split` after `model`).
 COLUMNS = ("arm", "model", "metric", "value", "baseline", "change", "change_low", "change_high", "relative",
            "relative_low", "relative_high")
 #: What the runs must share for their scores to be comparable (keys of a bench run's summary).
-_SHARED = ("data", "seed", "n_images", "n_items", "prompt", "rule", "chair_method", "vocabulary", "nlp_components")
+_SHARED = ("data", "seed", "n_images", "n_items", "prompt", "rule", "chair_method", "vocabulary", "nlp_components",
+           "task", "task_version", "offsets", "size")
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,9 @@ def arm_counts(benchmark: str, replies: pd.DataFrame) -> pd.DataFrame:
     """Per-image counts of one method's scored replies (a bench run's `replies.parquet`, one method's rows).
 
     CHAIR: captions, hallucinating (captions with a hallucinated object), hallucinated, mentioned, recalled and
-    ground-truth objects, words. POPE: tp, fp, tn, fn per split, as columns `(split, count)`.
+    ground-truth objects, words. POPE: tp, fp, tn, fn per split, as columns `(split, count)`. pih: base prompts
+    and those answered correctly, misleading prompts and those whose reply copied or corrected the claim
+    (`metrics.pih`'s outcomes).
     """
     if benchmark == "chair":
         per_caption = pd.DataFrame({
@@ -73,6 +80,15 @@ def arm_counts(benchmark: str, replies: pd.DataFrame) -> pd.DataFrame:
             "hallucinated": replies["n_hallucinated"], "mentioned": replies["n_mentions"],
             "recalled": replies["n_recalled"], "ground_truth": replies["n_ground_truth"], "words": replies["length"]})
         return per_caption.groupby("image_id", sort=False).sum()
+    if benchmark == "pih":
+        from halluscope.metrics.pih import BASE, CONTROL
+
+        base, misleading = replies["condition"] == BASE, ~replies["condition"].isin([BASE, CONTROL])
+        per_prompt = pd.DataFrame({
+            "image_id": replies["image_id"], "base": base, "base_correct": base & (replies["outcome"] == "corrected"),
+            "misleading": misleading, "copied": misleading & (replies["outcome"] == "copied"),
+            "corrected": misleading & (replies["outcome"] == "corrected")})
+        return per_prompt.groupby("image_id", sort=False).sum().astype("int64")
     label, prediction = replies["label"] == "yes", replies["prediction"] == "yes"
     outcomes = pd.DataFrame({"image_id": replies["image_id"], "split": replies["split"],
                              "tp": label & prediction, "fp": ~label & prediction,
@@ -85,7 +101,7 @@ def arm_counts(benchmark: str, replies: pd.DataFrame) -> pd.DataFrame:
 def metric_values(benchmark: str, sums: pd.DataFrame) -> pd.DataFrame:
     """Every metric from summed counts (`sums`: one row per resample or one row in all, columns as
     `arm_counts` gives them); NaN where a denominator is 0, and F1 NaN where precision or recall is, as
-    `metrics.pope.pope_metrics` has it. Columns: metric (CHAIR) or (split, metric) (POPE)."""
+    `metrics.pope.pope_metrics` has it. Columns: metric (CHAIR, pih) or (split, metric) (POPE)."""
     def ratio(frame: pd.DataFrame, numerator: dict, denominator: dict) -> np.ndarray:
         top = sum(weight * frame[c].to_numpy(dtype="float64") for c, weight in numerator.items())
         bottom = sum(weight * frame[c].to_numpy(dtype="float64") for c, weight in denominator.items())
@@ -93,7 +109,7 @@ def metric_values(benchmark: str, sums: pd.DataFrame) -> pd.DataFrame:
             return np.where(bottom > 0, top / np.where(bottom > 0, bottom, 1.0), np.nan)
 
     metrics = METRICS[benchmark]
-    if benchmark == "chair":
+    if benchmark != "pope":
         return pd.DataFrame({name: ratio(sums, *parts) for name, parts in metrics.items()}, index=sums.index)
     columns = {}
     for split in dict.fromkeys(sums.columns.get_level_values(0)):
@@ -164,11 +180,8 @@ def _bench_summary(run: Run) -> dict[str, Any]:
     """The finished bench step's summary of `run`, or a clear error."""
     steps = run.manifest.get("steps", {})
     names = [f"bench-{b}" for b in BENCHMARKS if f"bench-{b}" in steps]
-    if "bench-pih" in steps:
-        raise InputError(f"{run.path} is a bench pih run; bench compare reads pope and chair runs, whose metrics "
-                         "are counted per image")
     if not names:
-        raise InputError(f"{run.path} is not a `halluscope bench pope` or `bench chair` run (its steps: "
+        raise InputError(f"{run.path} is not a `halluscope bench` run (its steps: "
                          f"{', '.join(steps) or 'none'}); pass the --out of one")
     if steps[names[0]].get("status") != "finished":
         raise RunError(f"{run.path}: its {names[0].replace('-', ' ')} has not finished; rerun its command to resume "
@@ -181,8 +194,7 @@ def load_arms(runs: Sequence[str | Path]) -> tuple[str, list[Arm], list[dict[str
     records (path, model, methods, when its bench step finished).
 
     Raises:
-        InputError: a run of another benchmark or a pih run, runs that asked different items or scored them
-            differently.
+        InputError: a run of another benchmark, runs that asked different items or scored them differently.
         RunError: a missing or unfinished run.
     """
     arms, inputs, first = [], [], None
