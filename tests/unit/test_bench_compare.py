@@ -1,6 +1,6 @@
-"""`bench.compare`: per-image counts give exactly the benchmarks' own metrics (CHAIR, POPE, pih), the weighted bootstrap equals
-resampling the images one by one and rescoring, an arm compared with itself changes by exactly nothing, and
-arms that cannot be compared are refused."""
+"""`bench.compare`: per-image counts give exactly the benchmarks' own metrics (CHAIR, POPE, pih), the weighted
+bootstrap equals resampling the images one by one and rescoring, an arm compared with itself changes by exactly
+nothing, and arms that cannot be compared are refused."""
 
 from __future__ import annotations
 

@@ -2,10 +2,10 @@
 the first with a paired bootstrap confidence interval over images.
 
 A before/after table from two benchmark runs is only as good as the noise behind it: on 100 images CHAIR_i moves
-by a few hundredths between training seeds, and POPE F1 by one or two answers in 600. Every metric of both tables
+by a few hundredths between training seeds, and POPE F1 by one or two answers in 600. Every metric of these tables
 is a ratio of sums of per-image counts (CHAIR_i = hallucinated / mentioned objects, POPE precision = TP / (TP +
-FP), PIH copy rate = copied / misleading prompts, ...), so one resample of the images (the same draw for every arm: the comparison is paired) gives every
-metric of every arm at once, as weighted sums of the counts. The runs must have asked the same items of the same
+FP), PIH copy rate = copied / misleading prompts, ...), so one resample of the images (the same draw for every
+arm: the comparison is paired) gives every metric of every arm at once, as weighted sums of the counts. The runs must have asked the same items of the same
 images and scored them the same way; the first arm (the first run's first method) is the baseline.
 
     compare_step("runs/compare", runs=["runs/chair", "runs/chair-apasi"])["table"]
