@@ -5,8 +5,9 @@ A before/after table from two benchmark runs is only as good as the noise behind
 by a few hundredths between training seeds, and POPE F1 by one or two answers in 600. Every metric of these tables
 is a ratio of sums of per-image counts (CHAIR_i = hallucinated / mentioned objects, POPE precision = TP / (TP +
 FP), PIH copy rate = copied / misleading prompts, ...), so one resample of the images (the same draw for every
-arm: the comparison is paired) gives every metric of every arm at once, as weighted sums of the counts. The runs must have asked the same items of the same
-images and scored them the same way; the first arm (the first run's first method) is the baseline.
+arm: the comparison is paired) gives every metric of every arm at once, as weighted sums of the counts. The runs
+must have asked the same items of the same images and scored them the same way; the first arm (the first run's
+first method) is the baseline.
 
     compare_step("runs/compare", runs=["runs/chair", "runs/chair-apasi"])["table"]
     # arm, model, metric, value, baseline, change, change_low, change_high, relative, relative_low, relative_high
