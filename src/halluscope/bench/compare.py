@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from halluscope.bench.step import markdown_table
 from halluscope.errors import InputError, RunError
 from halluscope.runs import Run, writer_lock
 
@@ -30,7 +31,7 @@ __all__ = ["BENCHMARKS", "COLUMNS", "METRICS", "Arm", "arm_counts", "bootstrap_w
 
 #: The benchmarks a comparison reads.
 BENCHMARKS = ("pope", "chair", "pih")
-#: Each metric as (numerator, denominator): weights over the per-image count columns (`COUNTS`).
+#: Each metric as (numerator, denominator): weights over the per-image count columns of `arm_counts`.
 METRICS: dict[str, dict[str, tuple[dict[str, float], dict[str, float]]]] = {
     "chair": {"chair_s": ({"hallucinating": 1}, {"captions": 1}),
               "chair_i": ({"hallucinated": 1}, {"mentioned": 1}),
@@ -45,10 +46,6 @@ METRICS: dict[str, dict[str, tuple[dict[str, float], dict[str, float]]]] = {
             "copy_rate": ({"copied": 1}, {"misleading": 1}),
             "correction_rate": ({"corrected": 1}, {"misleading": 1})},
 }
-#: The per-image counts each benchmark's metrics are built from.
-COUNTS = {"chair": ("captions", "hallucinating", "hallucinated", "mentioned", "recalled", "ground_truth", "words"),
-          "pope": ("tp", "fp", "tn", "fn"),
-          "pih": ("base", "base_correct", "misleading", "copied", "corrected")}
 #: The comparison table's columns (POPE adds `split` after `model`).
 COLUMNS = ("arm", "model", "metric", "value", "baseline", "change", "change_low", "change_high", "relative",
            "relative_low", "relative_high")
@@ -95,7 +92,7 @@ def arm_counts(benchmark: str, replies: pd.DataFrame) -> pd.DataFrame:
                              "tp": label & prediction, "fp": ~label & prediction,
                              "tn": ~label & ~prediction, "fn": label & ~prediction})
     counts = outcomes.groupby(["image_id", "split"], sort=False).sum().astype("int64")
-    columns = pd.MultiIndex.from_product([list(dict.fromkeys(replies["split"])), COUNTS["pope"]])
+    columns = pd.MultiIndex.from_product([list(dict.fromkeys(replies["split"])), ["tp", "fp", "tn", "fn"]])
     return counts.unstack("split", fill_value=0).swaplevel(axis=1).reindex(columns=columns)
 
 
@@ -177,8 +174,8 @@ def _interval(name: str, samples: np.ndarray, tails: list[float]) -> dict[str, f
     return {f"{name}_low": float(low), f"{name}_high": float(high)}
 
 
-def _bench_summary(run: Run) -> dict[str, Any]:
-    """The finished bench step's summary of `run`, or a clear error."""
+def _bench_summary(run: Run) -> tuple[dict[str, Any], str | None]:
+    """The finished bench step's summary of `run` and when it finished, or a clear error."""
     steps = run.manifest.get("steps", {})
     names = [f"bench-{b}" for b in BENCHMARKS if f"bench-{b}" in steps]
     if not names:
@@ -187,7 +184,7 @@ def _bench_summary(run: Run) -> dict[str, Any]:
     if steps[names[0]].get("status") != "finished":
         raise RunError(f"{run.path}: its {names[0].replace('-', ' ')} has not finished; rerun its command to resume "
                        "it, then compare")
-    return run.read_json(f"{names[0].split('-')[1]}_summary")
+    return run.read_json(f"{names[0].split('-')[1]}_summary"), steps[names[0]].get("finished")
 
 
 def load_arms(runs: Sequence[str | Path]) -> tuple[str, list[Arm], list[dict[str, Any]]]:
@@ -203,7 +200,7 @@ def load_arms(runs: Sequence[str | Path]) -> tuple[str, list[Arm], list[dict[str
     names = names if len(set(names)) == len(names) else [str(path) for path in runs]
     for path, name in zip(runs, names):
         run = Run.open(path)
-        summary = _bench_summary(run)
+        summary, finished = _bench_summary(run)
         benchmark = summary["benchmark"]
         if first is None:
             first = (path, summary, run.read_table("items"))
@@ -215,7 +212,7 @@ def load_arms(runs: Sequence[str | Path]) -> tuple[str, list[Arm], list[dict[str
             label = name if len(methods) == 1 else f"{name}:{method}"
             arms.append(Arm(label, summary["model"], arm_counts(benchmark, replies[replies["method"] == method])))
         inputs.append({"run": str(Path(path).resolve()), "model": summary["model"], "methods": methods,
-                       "finished": run.manifest["steps"][f"bench-{benchmark}"].get("finished")})
+                       "finished": finished})
     return first[1]["benchmark"], arms, inputs
 
 
@@ -225,14 +222,17 @@ def _check_comparable(first: tuple, other: tuple) -> None:
     if b["benchmark"] != a["benchmark"]:
         raise InputError(f"{path_b} is a bench {b['benchmark']} run and {path_a} a bench {a['benchmark']} run; "
                          "compare runs of one benchmark")
-    differ = [k for k in _SHARED if a.get(k) != b.get(k)]
-    if a["decoding"]["max_new_tokens"] != b["decoding"]["max_new_tokens"]:
-        differ.append("max_new_tokens")
+    scored_a, scored_b = _scoring(a), _scoring(b)
+    differ = [k for k in scored_a if scored_a[k] != scored_b[k]]
     if differ or not items_a.equals(items_b):
-        what = ", ".join(f"{k} ({a.get(k, a['decoding'].get(k))!r} vs {b.get(k, b['decoding'].get(k))!r})"
-                         for k in differ) or "items"
+        what = ", ".join(f"{k} ({scored_a[k]!r} vs {scored_b[k]!r})" for k in differ) or "items"
         raise InputError(f"{path_a} and {path_b} differ in {what}; compare runs made with the same --data, --n, "
                          "--seed, prompt, --max-new-tokens and scoring options")
+
+
+def _scoring(summary: dict[str, Any]) -> dict[str, Any]:
+    """What a bench run's scores rest on besides its model: `_SHARED` and the decoding length."""
+    return {**{k: summary.get(k) for k in _SHARED}, "max_new_tokens": summary["decoding"]["max_new_tokens"]}
 
 
 def compare_step(out: str | Path, *, runs: Sequence[str | Path], resamples: int = 2000, seed: int = 0,
@@ -280,9 +280,7 @@ def _markdown(summary: dict[str, Any], table: pd.DataFrame) -> str:
         for key, group in table.groupby(keys, sort=False):
             by_metric = group.set_index("metric")
             rows.append([*(key if isinstance(key, tuple) else (key,)), *(cell(by_metric.loc[m]) for m in metrics)])
-        header = [*keys, *metrics]
-        return "\n".join(["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |",
-                          *("| " + " | ".join(map(str, row)) + " |" for row in rows)])
+        return markdown_table(pd.DataFrame(rows, columns=[*keys, *metrics]))
 
     absolute = wide(lambda r: f"{r['value']:.3f} ({r['change']:+.3f} "
                               f"[{r['change_low']:+.3f}, {r['change_high']:+.3f}])")
